@@ -1,0 +1,347 @@
+"""Typed, validated run configuration.
+
+One dataclass per concern, each checked in ``__post_init__`` so that a bad value fails at
+construction with a one-line :class:`ConfigError` naming the field. ``Config.to_dict`` /
+``Config.from_dict`` round-trip through JSON, and ``apply_overrides`` implements the
+``--set section.field=value`` syntax shared by every entry point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; its message is one line naming the field."""
+
+
+def _check(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+def _one_of(value: str, choices: tuple[str, ...], field_name: str) -> None:
+    _check(value in choices, field_name, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+BLOCK_KINDS = ("se_res", "res", "conv")
+MASK_KINDS = ("random", "center", "freeform", "mixed")
+REC_MASKINGS = ("full", "hole", "weighted")
+PHASE_UNITS = ("iterations", "samples")
+DEVICES = ("auto", "cpu", "cuda")
+VGG_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
+
+
+@dataclass
+class ModelConfig:
+    """Network sizes. Defaults are the paper's (160x160 image, 96x96 local patch)."""
+
+    image_size: int = 160
+    local_size: int = 96
+    gen_width: int = 64  # channels after the generator's first conv; doubled at each downsampling
+    disc_width: int = 64  # channels of the global discriminator's first conv
+    fc_features: int = 1024  # each discriminator's FC output; the context head sees 2x this
+    block: str = "se_res"  # se_res (paper), res (no SE), conv (plain strided conv, GLCIC)
+    se_reduction: int = 16
+    dilations: tuple[int, ...] = (2, 4, 8, 16)
+
+    def __post_init__(self) -> None:
+        self.dilations = tuple(int(d) for d in self.dilations)
+        _check(self.image_size >= 16 and self.image_size % 16 == 0, "model.image_size",
+               f"must be a multiple of 16 and >= 16, got {self.image_size}")
+        _check(self.local_size >= 8 and self.local_size % 8 == 0, "model.local_size",
+               f"must be a multiple of 8 and >= 8, got {self.local_size}")
+        _check(self.local_size <= self.image_size, "model.local_size",
+               f"must not exceed model.image_size ({self.image_size}), got {self.local_size}")
+        for name in ("gen_width", "disc_width", "fc_features", "se_reduction"):
+            _check(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _one_of(self.block, BLOCK_KINDS, "model.block")
+        _check(len(self.dilations) >= 1 and all(d >= 1 for d in self.dilations), "model.dilations",
+               f"must be a non-empty list of positive ints, got {list(self.dilations)}")
+
+
+@dataclass
+class LossConfig:
+    """Generator loss L_rec + adv_weight * L_adv + cx_weight * L_CX and its parts."""
+
+    adv_weight: float = 0.0004  # lambda1 in the paper
+    cx_weight: float = 0.004  # lambda2 in the paper; 0 disables VGG16 entirely (glcic)
+    rec_masking: str = "hole"  # hole: mean L2 over hole pixels; full: over the whole raw output; weighted
+    hole_weight: float = 1.0  # with rec_masking=weighted: weight of hole pixels vs 1 for known
+    cx_band_width: float = 0.5
+    cx_eps: float = 1e-5
+    cx_layers: tuple[str, ...] = ("relu3_3",)
+    cx_chunk: int = 1  # images per chunk in the contextual loss: bounds its B x N x N memory
+    vgg_weights: str = "imagenet"  # imagenet (torchvision), a local/fsspec path, or random
+
+    def __post_init__(self) -> None:
+        self.cx_layers = tuple(str(x) for x in self.cx_layers)
+        for name in ("adv_weight", "cx_weight", "hole_weight"):
+            _check(getattr(self, name) >= 0, f"loss.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _one_of(self.rec_masking, REC_MASKINGS, "loss.rec_masking")
+        _check(self.cx_band_width > 0, "loss.cx_band_width", f"must be > 0, got {self.cx_band_width}")
+        _check(self.cx_eps > 0, "loss.cx_eps", f"must be > 0, got {self.cx_eps}")
+        _check(self.cx_chunk >= 1, "loss.cx_chunk", f"must be >= 1, got {self.cx_chunk}")
+        _check(len(self.cx_layers) >= 1, "loss.cx_layers", "must name at least one VGG16 layer")
+        for layer in self.cx_layers:
+            _one_of(layer, VGG_LAYERS, "loss.cx_layers")
+        _check(bool(self.vgg_weights), "loss.vgg_weights", "must be imagenet, random, or a path/URL")
+
+
+@dataclass
+class MaskConfig:
+    """Training holes. Fractions are of the image side (rect) or area (freeform)."""
+
+    kind: str = "random"
+    min_side: float = 0.25  # random rect hole side, as a fraction of the image side
+    max_side: float = 0.5  # clipped so the hole fits in the local patch
+    center_area: float = 0.25  # centre hole area fraction (paper: 1/4 and 1/3)
+    freeform_strokes: int = 4
+    freeform_max_width: float = 0.1  # stroke width as a fraction of the image side
+
+    def __post_init__(self) -> None:
+        _one_of(self.kind, MASK_KINDS, "mask.kind")
+        _check(0 < self.min_side <= self.max_side <= 1, "mask.min_side",
+               f"need 0 < min_side <= max_side <= 1, got {self.min_side}, {self.max_side}")
+        _check(0 < self.center_area < 1, "mask.center_area", f"must be in (0, 1), got {self.center_area}")
+        _check(self.freeform_strokes >= 1, "mask.freeform_strokes", f"must be >= 1, got {self.freeform_strokes}")
+        _check(0 < self.freeform_max_width <= 1, "mask.freeform_max_width",
+               f"must be in (0, 1], got {self.freeform_max_width}")
+
+
+@dataclass
+class OptimConfig:
+    """Adam for both networks."""
+
+    g_lr: float = 2e-4
+    d_lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # 0 = off
+
+    def __post_init__(self) -> None:
+        _check(self.g_lr > 0, "optim.g_lr", f"must be > 0, got {self.g_lr}")
+        _check(self.d_lr > 0, "optim.d_lr", f"must be > 0, got {self.d_lr}")
+        _check(0 <= self.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {self.beta1}")
+        _check(0 <= self.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {self.beta2}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class ScheduleConfig:
+    """The three phases: generator-only, discriminator-only, joint.
+
+    With unit=iterations (default, the paper's) the lengths count optimizer steps whatever the
+    world size. With unit=samples they count images seen, as lengths x reference_batch, so 8
+    workers reach each boundary in 1/8 of the steps and do the same amount of training.
+    """
+
+    generator_steps: int = 90_000
+    discriminator_steps: int = 10_000
+    joint_steps: int = 400_000
+    unit: str = "iterations"
+    reference_batch: int = 12  # with unit=samples: images per paper iteration
+
+    def __post_init__(self) -> None:
+        for name in ("generator_steps", "discriminator_steps", "joint_steps"):
+            _check(getattr(self, name) >= 0, f"schedule.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(self.generator_steps + self.discriminator_steps + self.joint_steps > 0,
+               "schedule.joint_steps", "the three phases cannot all be empty")
+        _one_of(self.unit, PHASE_UNITS, "schedule.unit")
+        _check(self.reference_batch >= 1, "schedule.reference_batch", f"must be >= 1, got {self.reference_batch}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.generator_steps + self.discriminator_steps + self.joint_steps
+
+
+@dataclass
+class DataConfig:
+    """Where shards come from and how batches are made."""
+
+    url: str = ""  # fsspec URL of a dataset packed by jobs/make_shards.py (its index.json folder)
+    train_split: str = "train"
+    eval_split: str = "test"
+    batch_size: int = 12  # per worker (per GPU)
+    num_workers: int = 2  # DataLoader processes per training worker
+    shuffle_buffer: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
+
+
+@dataclass
+class RuntimeConfig:
+    """Device and numerics. GPU paths are on by default only on CUDA (see resolve())."""
+
+    device: str = "auto"
+    bf16: bool | None = None  # None: on for CUDA, off for CPU
+    channels_last: bool | None = None  # None: on for CUDA, off for CPU
+    compile: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of(self.device, DEVICES, "runtime.device")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 1, "checkpoint.every_steps", f"must be >= 1, got {self.every_steps}")
+        _check(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 50
+    image_every_steps: int = 1000
+    image_count: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 1, "log.every_steps", f"must be >= 1, got {self.every_steps}")
+        _check(self.image_every_steps >= 1, "log.image_every_steps", f"must be >= 1, got {self.image_every_steps}")
+        _check(self.image_count >= 1, "log.image_count", f"must be >= 1, got {self.image_count}")
+
+
+@dataclass
+class Config:
+    recipe: str = "celeba"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        # A hole larger than the local patch could not be seen whole by the local discriminator.
+        _check(self.mask.max_side * self.model.image_size <= self.model.local_size, "mask.max_side",
+               f"a {self.mask.max_side} x {self.model.image_size} px hole does not fit the "
+               f"{self.model.local_size} px local patch; lower mask.max_side or raise model.local_size")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        return _from_dict(cls, data, "")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def digest(self) -> str:
+        """Short hash of the settings that shape the model and its training (not paths or logging)."""
+        d = self.to_dict()
+        for volatile in ("data", "checkpoint", "log"):
+            d.pop(volatile)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = _field_types(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _from_dict(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Convert a JSON value or a command-line string into the field's declared type."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "auto")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a comma-separated list, got {value!r}")
+        return tuple(_coerce(v.strip() if isinstance(v, str) else v, args[0], name) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        try:
+            as_float = float(str(value).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return int(as_float)
+    if hint is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``section.field=value`` strings (``--set``) and re-validate the whole config."""
+    data = config.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.field=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        if len(parts) == 1 and parts[0] == "recipe":
+            raise ConfigError("recipe: choose a recipe with --recipe, not --set")
+        if len(parts) != 2:
+            raise ConfigError(f"{key}: expected section.field (e.g. optim.g_lr), got {key!r}")
+        section, name = parts
+        if section not in data or not isinstance(data[section], dict):
+            sections = [k for k, v in data.items() if isinstance(v, dict)]
+            raise ConfigError(f"{key}: unknown section {section!r} (known: {', '.join(sections)})")
+        if name not in data[section]:
+            raise ConfigError(f"{key}: unknown field (known in {section}: {', '.join(sorted(data[section]))})")
+        data[section][name] = raw
+    return Config.from_dict(data)
