@@ -1,0 +1,109 @@
+"""Global, local and context discriminators (Iizuka et al. layout, SE-ResNet last layers).
+
+At ``width`` w the global net maps an S x S image through
+5x5 conv w @ S/2, 5x5 conv 2w @ S/4, 5x5 conv 4w @ S/8, block 8w @ S/16, block 8w, block 8w,
+then flatten and FC to ``fc_features``. The local net is the same without its first layer, so
+an L x L patch ends at 8w @ L/8. The FC input sizes follow from the sizes given (S a multiple
+of 16, L of 8) instead of being hard-wired to one resolution.
+
+Inputs are images in [0, 1], shifted to [-1, 1] like the generator's input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from inpaint.models.blocks import ConvBNReLU, make_block
+
+
+def _check_size(name: str, x: torch.Tensor, size: int) -> None:
+    # Without this a wrong crop size fails deep inside the FC with an opaque matmul shape error.
+    if tuple(x.shape[-2:]) != (size, size):
+        height, width = x.shape[-2:]
+        raise ValueError(f"{name}: expected {size}x{size} inputs (built for this size), got {height}x{width}")
+
+
+class _Features(nn.Module):
+    """Conv stack, flatten, FC-ReLU: the shared tail of the global and local discriminators."""
+
+    def __init__(self, convs: list[nn.Module], out_channels: int, out_side: int, fc_features: int):
+        super().__init__()
+        self.convs = nn.Sequential(*convs)
+        self.fc = nn.Linear(out_channels * out_side * out_side, fc_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # ReLU after the FC keeps it from composing with the context head into one linear map.
+        return torch.relu(self.fc(self.convs(2 * x - 1).flatten(1)))
+
+
+class GlobalDiscriminator(nn.Module):
+    """Whole-image critic: (B, 3, S, S) in [0, 1] -> (B, fc_features) features."""
+
+    def __init__(self, image_size: int, width: int = 64, block: str = "se_res", se_reduction: int = 16,
+                 fc_features: int = 1024):
+        super().__init__()
+        if image_size < 16 or image_size % 16:
+            raise ValueError(f"GlobalDiscriminator: image_size must be a multiple of 16, got {image_size}")
+        self.image_size = image_size
+        convs = [
+            ConvBNReLU(3, width, 5, 2),
+            ConvBNReLU(width, 2 * width, 5, 2),
+            ConvBNReLU(2 * width, 4 * width, 5, 2),
+            make_block(block, 4 * width, 8 * width, 2, se_reduction),
+            make_block(block, 8 * width, 8 * width, 1, se_reduction),
+            make_block(block, 8 * width, 8 * width, 1, se_reduction),
+        ]
+        self.features = _Features(convs, 8 * width, image_size // 16, fc_features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        _check_size("GlobalDiscriminator", images, self.image_size)
+        return self.features(images)
+
+
+class LocalDiscriminator(nn.Module):
+    """Critic of the patch around the hole: (B, 3, L, L) in [0, 1] -> (B, fc_features) features."""
+
+    def __init__(self, local_size: int, width: int = 64, block: str = "se_res", se_reduction: int = 16,
+                 fc_features: int = 1024):
+        super().__init__()
+        if local_size < 8 or local_size % 8:
+            raise ValueError(f"LocalDiscriminator: local_size must be a multiple of 8, got {local_size}")
+        self.local_size = local_size
+        convs = [
+            ConvBNReLU(3, 2 * width, 5, 2),
+            ConvBNReLU(2 * width, 4 * width, 5, 2),
+            make_block(block, 4 * width, 8 * width, 2, se_reduction),
+            make_block(block, 8 * width, 8 * width, 1, se_reduction),
+            make_block(block, 8 * width, 8 * width, 1, se_reduction),
+        ]
+        self.features = _Features(convs, 8 * width, local_size // 8, fc_features)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        _check_size("LocalDiscriminator", patches, self.local_size)
+        return self.features(patches)
+
+
+class ContextDiscriminator(nn.Module):
+    """Concatenates global and local features and scores them: real (1) vs completed (0).
+
+    ``forward`` returns the LOGIT, not the probability: train it with
+    ``F.binary_cross_entropy_with_logits``, which applies the sigmoid inside the log in a
+    numerically stable way (a sigmoid followed by ``log`` saturates to -inf for confident
+    scores). Use :meth:`probability` where a value in (0, 1) is wanted.
+    """
+
+    def __init__(self, image_size: int, local_size: int, width: int = 64, block: str = "se_res",
+                 se_reduction: int = 16, fc_features: int = 1024):
+        super().__init__()
+        self.global_net = GlobalDiscriminator(image_size, width, block, se_reduction, fc_features)
+        self.local_net = LocalDiscriminator(local_size, width, block, se_reduction, fc_features)
+        self.head = nn.Linear(2 * fc_features, 1)
+
+    def forward(self, images: torch.Tensor, local_patches: torch.Tensor) -> torch.Tensor:
+        features = torch.cat([self.global_net(images), self.local_net(local_patches)], dim=1)
+        return self.head(features).squeeze(1)
+
+    def probability(self, images: torch.Tensor, local_patches: torch.Tensor) -> torch.Tensor:
+        """Sigmoid of the logit: the probability that each (image, patch) pair is real, shape (B,)."""
+        return torch.sigmoid(self(images, local_patches))
