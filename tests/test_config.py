@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+from inpaint import recipes
+from inpaint.config import Config, ConfigError, apply_overrides
+
+
+def test_paper_recipes_hold_the_papers_settings():
+    celeba, lfw = recipes.get("celeba"), recipes.get("lfw")
+    for cfg in (celeba, lfw):
+        assert (cfg.model.image_size, cfg.model.local_size) == (160, 96)
+        assert (cfg.schedule.generator_steps, cfg.schedule.discriminator_steps, cfg.schedule.joint_steps) == (
+            90_000, 10_000, 400_000)
+        assert cfg.loss.adv_weight == 0.0004 and cfg.loss.cx_weight == 0.004
+        assert cfg.model.block == "se_res" and cfg.model.disc_width == 64 and cfg.model.fc_features == 1024
+    assert celeba.data.batch_size == 12 and lfw.data.batch_size == 16
+
+
+def test_glcic_recipe_is_the_paper_without_se_and_contextual_loss():
+    glcic, celeba = recipes.get("glcic"), recipes.get("celeba")
+    assert glcic.model.block == "conv" and glcic.loss.cx_weight == 0
+    assert glcic.schedule == celeba.schedule and glcic.loss.adv_weight == celeba.loss.adv_weight
+
+
+def test_recipes_are_fresh_objects():
+    a = recipes.get("debug")
+    a.data.batch_size = 99
+    assert recipes.get("debug").data.batch_size != 99
+
+
+def test_unknown_recipe_names_the_known_ones():
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'.*celeba"):
+        recipes.get("nope")
+
+
+def test_round_trip_through_json():
+    cfg = apply_overrides(recipes.get("debug"), ["model.dilations=1,3", "runtime.bf16=true"])
+    again = Config.from_dict(json.loads(cfg.to_json()))
+    assert again == cfg and again.model.dilations == (1, 3) and again.runtime.bf16 is True
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.g_lr=-1", r"^optim.g_lr: must be > 0"),
+    ("optim.g_lr=fast", r"^optim.g_lr: expected a number"),
+    ("model.image_size=100", r"^model.image_size: must be a multiple of 16"),
+    ("model.block=dense", r"^model.block: must be one of se_res, res, conv"),
+    ("data.batch_size=0", r"^data.batch_size: must be >= 1"),
+    ("model.nope=1", r"^model.nope: unknown field"),
+    ("nosection.x=1", r"^nosection.x: unknown section"),
+    ("optim", r"expected section.field=value"),
+    ("runtime.bf16=maybe", r"^runtime.bf16: expected true or false"),
+    ("loss.cx_layers=relu9_9", r"^loss.cx_layers: must be one of"),
+    ("mask.max_side=0.9", r"^mask.max_side: .*does not fit"),
+])
+def test_bad_overrides_give_one_line_errors_naming_the_field(override, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        apply_overrides(recipes.get("celeba"), [override])
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_field_in_a_saved_config_is_rejected():
+    data = recipes.get("debug").to_dict()
+    data["optim"]["momentum"] = 0.9
+    with pytest.raises(ConfigError, match="optim.momentum: unknown field"):
+        Config.from_dict(data)
+
+
+def test_digest_ignores_paths_and_logging_but_not_the_model():
+    base = recipes.get("celeba")
+    assert apply_overrides(base, ["data.url=s3://x/y", "log.every_steps=7"]).digest() == base.digest()
+    assert apply_overrides(base, ["model.gen_width=32"]).digest() != base.digest()
