@@ -1,0 +1,184 @@
+"""Checkpoints as plain directories: save to and load from a local folder, nothing else.
+
+Layout of one checkpoint directory::
+
+    generator.safetensors       generator weights (all inference needs)
+    discriminator.safetensors   context discriminator weights
+    trainer.pt                  optimizers, step, samples seen, RNG, data position
+    config.json                 the resolved config the run was trained with
+    meta.json                   step, phase, config digest, file sizes and sha256 -- written LAST
+
+``meta.json`` is the completion marker: a directory without it, or whose files do not
+match the sizes and digests it records, is incomplete and is never resumed from.
+Everything loads without unpickling code: safetensors for weights and
+``torch.load(weights_only=True)`` for the trainer state, so a checkpoint from someone else
+cannot run code on load.
+
+Storage and Ray are the caller's business (``cluster/`` moves these folders around).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from inpaint import __version__
+from inpaint.config import Config, ConfigError
+
+META_FILE = "meta.json"
+CONFIG_FILE = "config.json"
+GENERATOR_FILE = "generator.safetensors"
+DISCRIMINATOR_FILE = "discriminator.safetensors"
+TRAINER_FILE = "trainer.pt"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt or from an incompatible format."""
+
+
+@dataclass
+class CheckpointContents:
+    """Everything a checkpoint holds, loaded into memory (tensors on CPU)."""
+
+    config: Config
+    meta: dict[str, Any]
+    generator: dict[str, torch.Tensor]
+    discriminator: dict[str, torch.Tensor] | None
+    trainer: dict[str, Any] | None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage (channels_last weights are).
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    config: Config,
+    generator: dict[str, torch.Tensor],
+    discriminator: dict[str, torch.Tensor] | None,
+    trainer: dict[str, Any] | None,
+    meta: dict[str, Any],
+) -> Path:
+    """Write a checkpoint into ``directory`` (created if needed); ``meta.json`` goes last."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META_FILE).unlink(missing_ok=True)  # a rewrite is incomplete until its new meta lands
+    save_file(_contiguous_cpu(generator), str(out / GENERATOR_FILE))
+    files = [GENERATOR_FILE]
+    if discriminator is not None:
+        save_file(_contiguous_cpu(discriminator), str(out / DISCRIMINATOR_FILE))
+        files.append(DISCRIMINATOR_FILE)
+    if trainer is not None:
+        torch.save(trainer, out / TRAINER_FILE)
+        files.append(TRAINER_FILE)
+    _write_json(out / CONFIG_FILE, config.to_dict())
+    files.append(CONFIG_FILE)
+    full_meta = {
+        **meta,
+        "format": FORMAT_VERSION,
+        "inpaint_version": __version__,
+        "recipe": config.recipe,
+        "config_digest": config.digest(),
+        "saved_at": time.time(),
+        "files": {name: {"bytes": (out / name).stat().st_size, "sha256": _sha256(out / name)} for name in files},
+    }
+    _write_json(out / META_FILE, full_meta)
+    return out
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: not a complete checkpoint (no {META_FILE})")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+
+
+def verify_checkpoint(directory: str | os.PathLike, *, checksums: bool = True) -> dict[str, Any]:
+    """Return the meta of a complete checkpoint, or raise CheckpointError saying what is wrong."""
+    meta = read_meta(directory)
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{directory}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
+    for name, expected in meta.get("files", {}).items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: incomplete checkpoint, {name} is missing")
+        if path.stat().st_size != expected["bytes"]:
+            raise CheckpointError(f"{directory}: incomplete checkpoint, {name} has the wrong size")
+        if checksums and _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{directory}: corrupt checkpoint, {name} fails its sha256")
+    return meta
+
+
+def is_complete(directory: str | os.PathLike) -> bool:
+    try:
+        verify_checkpoint(directory, checksums=False)
+    except CheckpointError:
+        return False
+    return True
+
+
+def load_checkpoint(directory: str | os.PathLike, *, weights_only: bool = False) -> CheckpointContents:
+    """Load a verified checkpoint; with ``weights_only`` skip the discriminator and trainer state."""
+    meta = verify_checkpoint(directory)
+    root = Path(directory)
+    try:
+        config = Config.from_dict(json.loads((root / CONFIG_FILE).read_text()))
+    except (ConfigError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{root / CONFIG_FILE}: invalid config ({exc})") from None
+    generator = load_file(str(root / GENERATOR_FILE))
+    discriminator = trainer = None
+    if not weights_only:
+        if (root / DISCRIMINATOR_FILE).is_file():
+            discriminator = load_file(str(root / DISCRIMINATOR_FILE))
+        if (root / TRAINER_FILE).is_file():
+            try:
+                trainer = torch.load(root / TRAINER_FILE, map_location="cpu", weights_only=True)
+            except Exception as exc:  # an unpickling refusal is a corrupt or hostile file
+                raise CheckpointError(f"{root / TRAINER_FILE}: cannot be loaded safely ({exc})") from None
+    return CheckpointContents(config=config, meta=meta, generator=generator,
+                              discriminator=discriminator, trainer=trainer)
+
+
+def list_checkpoints(run_directory: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint directories directly under a run folder, oldest step first."""
+    root = Path(run_directory)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        if child.is_dir() and is_complete(child):
+            found.append((read_meta(child).get("step", -1), child.name, child))
+    return [path for _, _, path in sorted(found)]
+
+
+def latest_checkpoint(run_directory: str | os.PathLike) -> Path | None:
+    checkpoints = list_checkpoints(run_directory)
+    return checkpoints[-1] if checkpoints else None

@@ -1,0 +1,308 @@
+"""A single-process trainer: one optimizer step per call, in whichever phase the schedule says.
+
+It knows nothing of Ray or of storage. A distributed caller wraps the two networks (e.g. in
+DDP) through :meth:`Trainer.wrap_models` and moves the directories that :meth:`Trainer.save`
+writes; everything needed to continue exactly (both models, both optimizers, step, samples
+seen, RNG, data position, config) goes through :meth:`state_dict` / :meth:`load_state_dict`.
+
+Gradient hygiene, since GLCIC-PyTorch gets it wrong: the discriminator learns from the
+*composited* output (known pixels copied from the input), detached from the generator; the
+generator's adversarial term goes through a frozen, unwrapped discriminator, so no gradient
+of one network ever lands on the other's parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from inpaint import checkpoint as ckpt
+from inpaint.config import Config
+from inpaint.losses import (
+    contextual_loss,
+    discriminator_loss,
+    generator_adversarial_loss,
+    reconstruction_loss,
+)
+from inpaint.masks import crop_local
+from inpaint.models import build_discriminator, build_generator, composite
+from inpaint.phases import Phase, PhaseSchedule
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Temporarily stop parameter gradients of ``module`` (inputs still get theirs)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value: Any) -> Any:
+    # random.setstate wants nested tuples; a round trip through some serialisers gives lists.
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class Trainer:
+    """Owns the networks, optimizers, losses and the phase schedule of one training run."""
+
+    def __init__(self, config: Config, *, device: torch.device | str | None = None, world_size: int = 1,
+                 rank: int = 0):
+        self.config = config
+        self.device = torch.device(device) if device is not None else resolve_device(config.runtime.device)
+        cuda = self.device.type == "cuda"
+        self.bf16 = cuda if config.runtime.bf16 is None else config.runtime.bf16
+        self.channels_last = cuda if config.runtime.channels_last is None else config.runtime.channels_last
+        self.world_size = world_size
+        self.rank = rank
+        self.schedule = PhaseSchedule(config.schedule)
+
+        torch.manual_seed(config.runtime.seed)  # identical initial weights on every rank
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.generator: nn.Module = build_generator(config.model).to(self.device, memory_format=memory_format)
+        self.discriminator: nn.Module = build_discriminator(config.model).to(self.device,
+                                                                             memory_format=memory_format)
+        self.vgg = None
+        if config.loss.cx_weight > 0:
+            from inpaint.vgg import VGG16Features
+
+            self.vgg = VGG16Features(layers=config.loss.cx_layers, weights=config.loss.vgg_weights).to(
+                self.device, memory_format=memory_format)
+        betas = (config.optim.beta1, config.optim.beta2)
+        self.g_optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.optim.g_lr, betas=betas,
+                                            weight_decay=config.optim.weight_decay)
+        self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=config.optim.d_lr, betas=betas,
+                                            weight_decay=config.optim.weight_decay)
+        self.step = 0
+        self.samples_seen = 0
+        self.data_state: dict[str, Any] | None = None
+        torch.manual_seed(config.runtime.seed + 1 + rank)  # per-rank randomness from here on
+
+    # ----------------------------------------------------------------- wiring
+    def wrap_models(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Wrap both networks (e.g. in DDP); optimizers keep pointing at the same parameters."""
+        self.generator = wrap(self.generator)
+        self.discriminator = wrap(self.discriminator)
+
+    @property
+    def phase(self) -> Phase:
+        return self.schedule.phase_at(self.step, self.samples_seen)
+
+    @property
+    def done(self) -> bool:
+        return self.phase is Phase.DONE
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _to_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        image = batch["image"].to(self.device, non_blocking=True)
+        image = (image.float() / 255.0 if image.dtype == torch.uint8 else image.float())
+        image = image.contiguous(memory_format=memory_format)
+        mask = batch["mask"].to(self.device, non_blocking=True).float().contiguous(memory_format=memory_format)
+        box = batch["box"].to(self.device, non_blocking=True).long()
+        return image, mask, box
+
+    def _discriminate(self, discriminator: nn.Module, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        patches = crop_local(images, boxes, self.config.model.local_size)
+        return discriminator(images, patches).float()
+
+    # ----------------------------------------------------------------- steps
+    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One optimizer step of the current phase; returns detached scalar metrics."""
+        phase = self.phase
+        if phase is Phase.DONE:
+            raise RuntimeError(f"the schedule is complete at step {self.step}; nothing to train")
+        image, mask, box = self._to_device(batch)
+        metrics: dict[str, torch.Tensor] = {}
+        self.generator.train(phase.trains_generator)
+        self.discriminator.train(True)
+
+        with torch.set_grad_enabled(phase.trains_generator), self._autocast():
+            prediction = self.generator(image, mask)
+        completed = composite(image, prediction.float(), mask)
+
+        if phase.trains_discriminator:
+            metrics.update(self._discriminator_step(image, completed.detach(), box))
+        if phase.trains_generator:
+            metrics.update(self._generator_step(image, mask, box, prediction, completed,
+                                                adversarial=phase is Phase.JOINT))
+
+        self.step += 1
+        self.samples_seen += image.shape[0] * self.world_size
+        return {f"loss/{phase.value}/{k}" if not k.startswith("d_prob") else f"disc/{phase.value}/{k}": v
+                for k, v in metrics.items()}
+
+    def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor, box: torch.Tensor) -> dict:
+        # One forward over real and completed together: one DDP allreduce, one BN pass.
+        images = torch.cat([real, fake])
+        boxes = torch.cat([box, box])
+        with self._autocast():
+            logits = self._discriminate(self.discriminator, images, boxes)
+        real_logits, fake_logits = logits.chunk(2)
+        loss = discriminator_loss(real_logits, fake_logits)
+        self.d_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._clip(self.discriminator)
+        self.d_optimizer.step()
+        return {"d_bce": loss.detach(), "d_prob_real": torch.sigmoid(real_logits.detach()).mean(),
+                "d_prob_fake": torch.sigmoid(fake_logits.detach()).mean()}
+
+    def _generator_step(self, image, mask, box, prediction, completed, *, adversarial: bool) -> dict:
+        loss_cfg = self.config.loss
+        rec = reconstruction_loss(prediction.float(), image, mask, masking=loss_cfg.rec_masking,
+                                  hole_weight=loss_cfg.hole_weight)
+        total = rec
+        out = {"g_rec": rec.detach()}
+        if self.vgg is not None:
+            cx = self._contextual(completed, image)
+            total = total + loss_cfg.cx_weight * cx
+            out["g_cx"] = cx.detach()
+        if adversarial:
+            # The unwrapped, frozen discriminator: no DDP hooks fire and no gradient reaches it.
+            discriminator = _unwrap(self.discriminator)
+            with frozen(discriminator), self._autocast():
+                fake_logits = self._discriminate(discriminator, completed, box)
+            adv = generator_adversarial_loss(fake_logits)
+            total = total + loss_cfg.adv_weight * adv
+            out["g_adv"] = adv.detach()
+        self.g_optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self._clip(self.generator)
+        self.g_optimizer.step()
+        out["g_total"] = total.detach()
+        return out
+
+    def _contextual(self, completed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        loss_cfg = self.config.loss
+        with self._autocast():
+            completed_features = self.vgg(completed)
+            with torch.no_grad():
+                original_features = self.vgg(original)
+        per_layer = [
+            contextual_loss(completed_features[name].float(), original_features[name].float(),
+                            band_width=loss_cfg.cx_band_width, eps=loss_cfg.cx_eps, chunk=loss_cfg.cx_chunk).mean()
+            for name in loss_cfg.cx_layers
+        ]
+        return torch.stack(per_layer).mean()
+
+    def _clip(self, module: nn.Module) -> None:
+        if self.config.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.config.optim.grad_clip)
+
+    @torch.no_grad()
+    def complete(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(masked input, completed, original) in [0, 1] for image grids; does not train."""
+        image, mask, _ = self._to_device(batch)
+        generator = _unwrap(self.generator)
+        was_training = generator.training
+        generator.eval()
+        with self._autocast():
+            prediction = generator(image, mask)
+        generator.train(was_training)
+        return image * mask, composite(image, prediction.float(), mask), image
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": _unwrap(self.generator).state_dict(),
+            "discriminator": _unwrap(self.discriminator).state_dict(),
+            "trainer": {
+                "g_optimizer": self.g_optimizer.state_dict(),
+                "d_optimizer": self.d_optimizer.state_dict(),
+                "step": self.step,
+                "samples_seen": self.samples_seen,
+                "rng": rng_state(),
+                "data": self.data_state,
+                "world_size": self.world_size,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, restore_rng: bool = True) -> None:
+        _unwrap(self.generator).load_state_dict(state["generator"])
+        _unwrap(self.discriminator).load_state_dict(state["discriminator"])
+        trainer = state["trainer"]
+        self.g_optimizer.load_state_dict(trainer["g_optimizer"])
+        self.d_optimizer.load_state_dict(trainer["d_optimizer"])
+        self.step = int(trainer["step"])
+        self.samples_seen = int(trainer["samples_seen"])
+        self.data_state = trainer.get("data")
+        # RNG streams are per rank; after a resize only rank-0's is meaningful to copy.
+        if restore_rng and trainer.get("world_size", 1) == self.world_size:
+            set_rng_state(trainer["rng"])
+
+    def meta(self) -> dict[str, Any]:
+        return {"step": self.step, "samples_seen": self.samples_seen, "phase": self.phase.value,
+                "world_size": self.world_size}
+
+    def save(self, directory: str | Path) -> Path:
+        state = self.state_dict()
+        return ckpt.save_checkpoint(directory, config=self.config, generator=state["generator"],
+                                    discriminator=state["discriminator"], trainer=state["trainer"],
+                                    meta=self.meta())
+
+    def load(self, directory: str | Path) -> dict[str, Any]:
+        """Restore from a checkpoint directory written by :meth:`save`; returns its meta."""
+        contents = ckpt.load_checkpoint(directory)
+        if contents.trainer is None or contents.discriminator is None:
+            raise ckpt.CheckpointError(f"{directory}: holds weights only; cannot resume training from it")
+        if contents.config.digest() != self.config.digest():
+            log.warning("resuming from %s whose model/training config differs from this run's "
+                        "(digest %s vs %s); using this run's config", directory,
+                        contents.config.digest(), self.config.digest())
+        self.load_state_dict({"generator": contents.generator, "discriminator": contents.discriminator,
+                              "trainer": contents.trainer})
+        return contents.meta
+
+    # ----------------------------------------------------------------- loop
+    def fit(self, batches: Iterable[dict[str, Any]], *, max_steps: int | None = None,
+            on_step: Callable[["Trainer", dict[str, torch.Tensor]], None] | None = None) -> int:
+        """Train until the schedule ends (or ``max_steps`` more steps); returns steps taken."""
+        taken = 0
+        for batch in batches:
+            if self.done or (max_steps is not None and taken >= max_steps):
+                break
+            metrics = self.train_step(batch)
+            taken += 1
+            if on_step is not None:
+                on_step(self, metrics)
+        return taken

@@ -1,0 +1,155 @@
+"""The single-process Trainer: phases, gradient isolation, exact resume, GPU switches on CPU."""
+
+import pytest
+import torch
+
+from inpaint import recipes
+from inpaint.checkpoint import CheckpointError, is_complete, load_checkpoint
+from inpaint.config import apply_overrides
+from inpaint.masks import MaskSampler
+from inpaint.phases import Phase
+from inpaint.trainer import Trainer
+
+
+def debug_config(*overrides):
+    return apply_overrides(recipes.get("debug"), list(overrides))
+
+
+def synthetic_batch(config, index, batch_size=None):
+    """A deterministic batch: smooth random images and recipe-sized holes, seeded by index."""
+    n = batch_size or config.data.batch_size
+    size = config.model.image_size
+    generator = torch.Generator().manual_seed(1000 + index)
+    low = torch.rand(n, 3, size // 4, size // 4, generator=generator)
+    image = (torch.nn.functional.interpolate(low, size=size, mode="bilinear") * 255).to(torch.uint8)
+    sampler = MaskSampler(config.mask, size, config.model.local_size)
+    mask, box = sampler.batch(n, generator)
+    return {"image": image, "mask": mask, "box": box}
+
+
+def params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def changed(before, module):
+    return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_each_phase_trains_only_its_networks():
+    config = debug_config("schedule.generator_steps=1", "schedule.discriminator_steps=1", "schedule.joint_steps=1")
+    trainer = Trainer(config, device="cpu")
+    expected = [(Phase.GENERATOR, True, False), (Phase.DISCRIMINATOR, False, True), (Phase.JOINT, True, True)]
+    for index, (phase, generator_trains, discriminator_trains) in enumerate(expected):
+        assert trainer.phase is phase
+        g_before, d_before = params(trainer.generator), params(trainer.discriminator)
+        metrics = trainer.train_step(synthetic_batch(config, index))
+        assert changed(g_before, trainer.generator) is generator_trains
+        assert changed(d_before, trainer.discriminator) is discriminator_trains
+        assert all(torch.isfinite(v) for v in metrics.values())
+        assert all(f"/{phase.value}/" in key for key in metrics)
+    assert trainer.done
+    with pytest.raises(RuntimeError, match="schedule is complete"):
+        trainer.train_step(synthetic_batch(config, 9))
+
+
+def test_generator_phase_logs_reconstruction_and_contextual_terms_joint_adds_adversarial():
+    config = debug_config("schedule.generator_steps=1", "schedule.discriminator_steps=0", "schedule.joint_steps=1")
+    trainer = Trainer(config, device="cpu")
+    first = trainer.train_step(synthetic_batch(config, 0))
+    assert {"loss/generator/g_rec", "loss/generator/g_cx", "loss/generator/g_total"} <= set(first)
+    assert "loss/generator/g_adv" not in first
+    second = trainer.train_step(synthetic_batch(config, 1))
+    assert {"loss/joint/g_adv", "loss/joint/d_bce", "disc/joint/d_prob_real"} <= set(second)
+
+
+def test_no_gradient_leaks_between_the_networks_in_a_joint_step():
+    config = debug_config("schedule.generator_steps=0", "schedule.discriminator_steps=0", "schedule.joint_steps=1")
+    trainer = Trainer(config, device="cpu")
+    grads_per_network = {"generator": 0, "discriminator": 0}
+    hooks = []
+    for name in grads_per_network:
+        for parameter in getattr(trainer, name).parameters():
+            def count(grad, name=name):
+                grads_per_network[name] += 1
+            hooks.append(parameter.register_hook(count))
+    trainer.train_step(synthetic_batch(config, 0))
+    # Each parameter receives exactly one gradient: from its own network's step, never the other's.
+    assert grads_per_network["generator"] == len(list(trainer.generator.parameters()))
+    assert grads_per_network["discriminator"] == len(list(trainer.discriminator.parameters()))
+    assert all(p.requires_grad for p in trainer.discriminator.parameters())
+
+
+def test_discriminator_sees_the_composite_not_the_raw_prediction(monkeypatch):
+    config = debug_config("schedule.generator_steps=0", "schedule.discriminator_steps=1", "schedule.joint_steps=0")
+    trainer = Trainer(config, device="cpu")
+    batch = synthetic_batch(config, 0)
+    seen = {}
+    original_forward = trainer.discriminator.forward
+
+    def spy(images, patches):
+        seen["images"] = images.detach().clone()
+        return original_forward(images, patches)
+
+    monkeypatch.setattr(trainer.discriminator, "forward", spy)
+    trainer.train_step(batch)
+    real = batch["image"].float() / 255
+    fake = seen["images"][len(real):]
+    known = batch["mask"].expand_as(real).bool()
+    assert torch.equal(fake[known], real[known])  # known pixels come from the input, untouched
+    assert torch.equal(seen["images"][: len(real)], real)
+
+
+def test_save_load_continue_matches_an_uninterrupted_run(tmp_path):
+    config = debug_config("schedule.generator_steps=3", "schedule.discriminator_steps=2", "schedule.joint_steps=4")
+    batches = [synthetic_batch(config, i) for i in range(9)]
+
+    straight = Trainer(config, device="cpu")
+    expected = [{k: float(v) for k, v in straight.train_step(b).items()} for b in batches]
+
+    first = Trainer(config, device="cpu")
+    for b in batches[:4]:
+        first.train_step(b)
+    first.data_state = {"epoch": 0, "batches": 4}
+    first.save(tmp_path / "ckpt")
+    assert is_complete(tmp_path / "ckpt")
+    torch.manual_seed(12345)  # a fresh process would have other RNG state; the checkpoint must restore it
+
+    resumed = Trainer(config, device="cpu")
+    meta = resumed.load(tmp_path / "ckpt")
+    assert meta["step"] == 4 and meta["phase"] == "discriminator"
+    assert resumed.data_state == {"epoch": 0, "batches": 4}
+    got = [{k: float(v) for k, v in resumed.train_step(b).items()} for b in batches[4:]]
+    assert got == expected[4:]
+
+
+def test_checkpoint_files_load_without_unpickling_code_and_tampering_is_detected(tmp_path):
+    config = debug_config()
+    trainer = Trainer(config, device="cpu")
+    trainer.train_step(synthetic_batch(config, 0))
+    trainer.save(tmp_path / "ckpt")
+    contents = load_checkpoint(tmp_path / "ckpt")
+    assert contents.config == config and contents.meta["step"] == 1
+    with open(tmp_path / "ckpt" / "generator.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "meta.json").unlink()
+    assert not is_complete(tmp_path / "ckpt")
+
+
+def test_bf16_autocast_and_channels_last_switch_on_for_cpu():
+    config = debug_config("runtime.bf16=true", "runtime.channels_last=true", "schedule.generator_steps=1",
+                          "schedule.discriminator_steps=0", "schedule.joint_steps=1")
+    trainer = Trainer(config, device="cpu")
+    assert trainer.bf16 and trainer.channels_last
+    conv = next(m for m in trainer.generator.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for i in range(2):
+        metrics = trainer.train_step(synthetic_batch(config, i))
+        assert all(torch.isfinite(v) for v in metrics.values())
+
+
+def test_gpu_switches_default_off_on_cpu():
+    trainer = Trainer(debug_config(), device="cpu")
+    assert not trainer.bf16 and not trainer.channels_last
