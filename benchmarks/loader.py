@@ -1,0 +1,135 @@
+"""Training-loader throughput per core against plain JPEG decoding of the same files.
+
+    python benchmarks/loader.py                    # 2,000 CelebA-sized JPEGs, image_size 160
+    python benchmarks/loader.py --images 4000 --workers 2
+
+Makes 178x218 JPEGs (CelebA's size) from scikit-image's photographs, packs them into local
+shards, then measures the best of --repeats passes of: PIL decoding, torchvision decode_jpeg,
+the mask sampler alone, the full training loader in-process (read shard + decode + random crop
++ mask + batch), and the same loader with a fixed precomputed mask (what the loader costs
+without inpaint.masks). Rates are per CPU-second of this process (torch threads = 1), so
+other jobs on a shared machine disturb them less than wall time would.
+Target: the full loader >= 80% of the faster decode. With --workers N the loader also runs
+with N DataLoader processes (wall-clock samples/s, divided by N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision.io import ImageReadMode, decode_jpeg  # noqa: E402
+
+from inpaint.config import DataConfig, MaskConfig  # noqa: E402
+from inpaint.data import TrainLoader, load_index, pack_dataset  # noqa: E402
+from inpaint.data.sources import SAMPLE_PHOTOS, sample_photo  # noqa: E402
+from inpaint.masks import MaskSampler  # noqa: E402
+
+CELEBA_SIZE = (178, 218)  # width, height
+
+
+def make_jpegs(folder: Path, count: int, seed: int = 0) -> None:
+    """CelebA-sized JPEGs: random crops of the photos at random scales, quality 90."""
+    rng = np.random.default_rng(seed)
+    photos = [Image.fromarray(sample_photo(name)) for name in SAMPLE_PHOTOS]
+    width, height = CELEBA_SIZE
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        scale = rng.uniform(max(width / photo.width, height / photo.height), 1.0)
+        crop_w, crop_h = round(width / scale), round(height / scale)
+        left, top = rng.integers(0, photo.width - crop_w + 1), rng.integers(0, photo.height - crop_h + 1)
+        image = photo.crop((left, top, left + crop_w, top + crop_h)).resize(CELEBA_SIZE, Image.Resampling.BILINEAR)
+        image.save(folder / f"{i:06d}.jpg", quality=90)
+
+
+class FixedMask:
+    """A stand-in for MaskSampler that returns one precomputed mask: isolates the loader's cost."""
+
+    def __init__(self, sampler: MaskSampler) -> None:
+        self.mask, self.box = sampler.sample(torch.Generator().manual_seed(0))
+
+    def sample(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mask, self.box
+
+
+def best_rate(action, count: int, repeats: int, clock=time.process_time) -> float:
+    """Items per second of the fastest of ``repeats`` runs of ``action`` (which handles ``count`` items)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = clock()
+        action()
+        best = min(best, clock() - start)
+    return count / best
+
+
+def loader_pass(url: str, batches: int, args: argparse.Namespace, sampler, workers: int) -> None:
+    data = DataConfig(url=url, batch_size=args.batch_size, num_workers=workers)
+    iterator = iter(TrainLoader(load_index(url), data, args.image_size, sampler))
+    for _ in range(batches):
+        next(iterator)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--local-size", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--shard-size", type=int, default=500)
+    parser.add_argument("--workers", type=int, default=0, help="also time the loader with this many processes")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+
+    with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
+        source, url = Path(tmp) / "jpegs", str(Path(tmp) / "shards")
+        source.mkdir()
+        make_jpegs(source, args.images)
+        pack_dataset("folder", source, url, shard_size=args.shard_size, test_fraction=0.01, progress=False)
+        keys = set(load_index(url).keys("train"))
+        blobs = [p.read_bytes() for p in sorted(source.iterdir()) if p.stem in keys]
+        sampler = MaskSampler(MaskConfig(), args.image_size, args.local_size)
+        generator = torch.Generator().manual_seed(0)
+        batches = len(blobs) // args.batch_size
+        samples = batches * args.batch_size
+
+        rates = {
+            "PIL decode": best_rate(lambda: [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs],
+                                    len(blobs), args.repeats),
+            "torchvision decode_jpeg": best_rate(
+                lambda: [decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                         for b in blobs], len(blobs), args.repeats),
+            "mask sampler alone": best_rate(lambda: [sampler.sample(generator) for _ in blobs], len(blobs),
+                                            args.repeats),
+            "loader": best_rate(lambda: loader_pass(url, batches, args, sampler, 0), samples, args.repeats),
+            "loader with a fixed mask": best_rate(lambda: loader_pass(url, batches, args, FixedMask(sampler), 0),
+                                                  samples, args.repeats),
+        }
+        if args.workers:
+            rates[f"loader, {args.workers} workers, wall / {args.workers}"] = best_rate(
+                lambda: loader_pass(url, batches, args, sampler, args.workers), samples, args.repeats,
+                clock=time.perf_counter) / args.workers
+
+    mean_kib = sum(map(len, blobs)) / len(blobs) / 1024
+    print(f"{len(blobs)} JPEGs {CELEBA_SIZE[0]}x{CELEBA_SIZE[1]} ({mean_kib:.1f} KiB mean), image_size "
+          f"{args.image_size}, batch {args.batch_size}, 1 torch thread, best of {args.repeats}")
+    for name, rate in rates.items():
+        print(f"  {name:<36} {rate:8.0f} samples/s/core  {1e6 / rate:6.0f} us/sample")
+    fastest = max(rates["PIL decode"], rates["torchvision decode_jpeg"])
+    print(f"loader / fastest decode: {rates['loader'] / fastest:.0%} (target >= 80%); "
+          f"with a fixed mask: {rates['loader with a fixed mask'] / fastest:.0%}")
+
+
+if __name__ == "__main__":
+    main()

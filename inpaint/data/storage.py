@@ -1,0 +1,169 @@
+"""fsspec access to datasets: local paths, ``s3://`` and any other fsspec URL.
+
+S3 endpoints and credentials come from the standard AWS environment (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ...), which s3fs/botocore honour, plus explicit ``storage_options``
+(``--storage-option key=value``). Filesystems are built where they are used, never handed to
+another process: fsspec keys its instance cache by process id, and s3fs clients are not
+fork-safe. Error messages name the URL and the reason, never a credential.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any, Callable, Iterator, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+READ_ATTEMPTS = 4
+RETRY_BACKOFF_S = 0.5
+
+
+class DataError(RuntimeError):
+    """A user-facing data problem (bad URL, no shards, missing split, unreadable index): one line."""
+
+
+class MissingData(DataError):
+    """The URL is reachable but nothing is stored there."""
+
+
+def parse_storage_options(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``key=value`` strings into fsspec options; ``a.b=v`` nests, JSON values (true, 3) are typed."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise DataError(f"--storage-option: expected key=value, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.strip().split(".")
+        node = options
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise DataError(f"--storage-option {key}: {name!r} is both a value and a group")
+        node[leaf] = value
+    return options
+
+
+def join_url(url: str, name: str) -> str:
+    return f"{url.rstrip('/')}/{name}"
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of this process for ``url``, and the path inside it."""
+    if not url:
+        raise DataError("empty dataset URL")
+    try:
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except (ImportError, ValueError, TypeError) as exc:
+        raise DataError(f"{url}: cannot open this URL ({_reason(exc)})") from None
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    return isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+
+
+def with_retries(action: Callable[[], T], what: str, attempts: int = READ_ATTEMPTS) -> T:
+    """Run ``action``, retrying transient failures (network, throttling) with exponential backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except Exception as exc:  # s3fs/aiohttp/botocore raise many unrelated types for one network fault
+            if _is_permanent(exc) or attempt == attempts:
+                raise
+            delay = RETRY_BACKOFF_S * 2 ** (attempt - 1)
+            log.warning("%s failed (%s); retry %d/%d in %.1f s", what, _reason(exc), attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
+    """The whole object at ``url``, with retries; DataError when it is missing or unreachable."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        return with_retries(lambda: fs.cat_file(path), f"reading {url}")
+    except FileNotFoundError:
+        raise MissingData(f"{url}: not found") from None
+    except Exception as exc:
+        raise DataError(f"cannot read {url}: {_reason(exc)}") from None
+
+
+class Output:
+    """A folder that receives files atomically: a file appears under its name only once complete.
+
+    Local files are written to ``NAME.partial`` and renamed; remote ones are uploaded from a local
+    temporary file (an object store makes an object visible only when its upload completes, and
+    s3fs would commit a half-written ``fs.open`` file when an exception closes it).
+    """
+
+    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.storage_options = storage_options
+        self.fs, self.path = filesystem(self.url, storage_options)
+        self.fs.invalidate_cache()  # listings cached by an earlier run in this process may be stale
+
+    def exists(self, name: str) -> bool:
+        try:
+            return self.fs.exists(join_url(self.path, name))
+        except Exception as exc:
+            raise DataError(f"cannot reach {self.url}: {_reason(exc)}") from None
+
+    def read(self, name: str) -> bytes:
+        return read_bytes(join_url(self.url, name), self.storage_options)
+
+    @contextlib.contextmanager
+    def publish(self, name: str) -> Iterator[str]:
+        """A local path to write ``name`` into; when the block succeeds it appears as ``name``.
+
+        Locally the path is ``NAME.partial`` beside the target, renamed at the end; remotely a
+        temporary file that is uploaded. Either way it is gone afterwards, success or not.
+        """
+        if is_local(self.fs):
+            os.makedirs(self.path, exist_ok=True)
+            local = join_url(self.path, f"{name}.partial")
+        else:
+            local = _temp_path(name)
+        try:
+            yield local
+            target = join_url(self.path, name)
+            try:
+                if is_local(self.fs):
+                    os.replace(local, target)
+                else:
+                    with_retries(lambda: self.fs.put_file(local, target), f"uploading {name}")
+            except Exception as exc:
+                raise DataError(f"cannot write {join_url(self.url, name)}: {_reason(exc)}") from None
+        finally:
+            if os.path.exists(local):
+                os.remove(local)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with self.publish(name) as local, open(local, "wb") as f:
+            f.write(data)
+
+
+def _temp_path(name: str) -> str:
+    handle, path = tempfile.mkstemp(prefix="inpaint-", suffix=f"-{name.replace('/', '_')}")
+    os.close(handle)
+    return path

@@ -1,0 +1,99 @@
+"""Shared fixtures: a local S3 (moto) endpoint, real photographs, a packed sample dataset.
+
+Tests that use ``s3_server`` (directly or through ``s3_bucket``) get the ``s3`` marker
+automatically, so ``-m "not s3"`` deselects them.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+
+import numpy as np
+import pytest
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # inpaint.data keeps torchvision's JPEG decoder (fastest here) despite its TorchCodec notice.
+    config.addinivalue_line("filterwarnings",
+                            "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "s3_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.s3)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _clear_s3fs_cache() -> None:
+    import s3fs
+
+    # Clients cached before the endpoint changed would keep talking to the old one.
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 for the session; yields its endpoint URL.
+
+    The standard AWS variables (endpoint, dummy credentials, region) point every client at it
+    (s3fs, botocore, pyarrow, subprocesses) and are restored afterwards.
+    """
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request drowns test output
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", "testing"),
+                            ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+            patch.setenv(name, value)
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            patch.delenv(name, raising=False)
+        _clear_s3fs_cache()
+        try:
+            yield endpoint
+        finally:
+            server.stop()
+            _clear_s3fs_cache()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket; yields ``s3://NAME`` and deletes it afterwards."""
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem()
+    fs.mkdir(name)
+    yield f"s3://{name}"
+    fs.rm(name, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    """A few real RGB uint8 photographs (H, W, 3) that scikit-image ships, by name."""
+    import skimage.data
+
+    return {name: getattr(skimage.data, name)() for name in PHOTOS}
+
+
+@pytest.fixture(scope="session")
+def sample_dataset(tmp_path_factory) -> str:
+    """The built-in sample dataset packed once into a local folder; yields its path (read-only use)."""
+    from inpaint.data import pack_dataset
+
+    path = tmp_path_factory.mktemp("sample-dataset") / "sample"
+    pack_dataset("sample", None, str(path), progress=False)
+    return str(path)
