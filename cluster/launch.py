@@ -1,0 +1,248 @@
+"""Driver side of a training job: check the request, then run Ray Train's TorchTrainer.
+
+Everything a user can get wrong (recipe, overrides, data URL, storage, worker count) is
+checked here, before any worker starts, and reported as a :class:`UserError` with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cluster import storage
+from inpaint import recipes
+from inpaint.config import Config, ConfigError, apply_overrides
+
+log = logging.getLogger("inpaint.launch")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class UserError(Exception):
+    """A mistake in the request; the job prints it as one line and exits with code 2."""
+
+
+def parse_workers(text: str) -> int | tuple[int, int]:
+    """``N`` or ``MIN-MAX`` (elastic)."""
+    try:
+        if "-" in text:
+            low, high = (int(part) for part in text.split("-", 1))
+            if not 1 <= low <= high:
+                raise ValueError
+            return (low, high) if low != high else low
+        count = int(text)
+        if count < 1:
+            raise ValueError
+        return count
+    except ValueError:
+        raise UserError(f"--workers: expected N or MIN-MAX with 1 <= MIN <= MAX, got {text!r}") from None
+
+
+@dataclass
+class TrainRequest:
+    config: Config
+    storage: str
+    name: str
+    workers: int | tuple[int, int]
+    gpu: bool = False
+    max_failures: int = 3
+    storage_options: dict = field(default_factory=dict)
+    cpus_per_worker: float = 1.0
+    resource_timeout_s: float = 0.0
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers if isinstance(self.workers, int) else self.workers[0]
+
+    @property
+    def run(self) -> storage.RunPaths:
+        return storage.RunPaths(self.storage, self.name)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, *, default_data: str) -> "TrainRequest":
+        try:
+            config = apply_overrides(recipes.get(args.recipe), args.overrides)
+        except ConfigError as exc:
+            raise UserError(str(exc)) from None
+        data = args.data
+        if data is None:
+            data = ensure_sample_data(str(REPO_ROOT / default_data))
+        data = storage.normalize(data)
+        runtime = config.runtime
+        runtime = type(runtime)(**{**runtime.__dict__, "device": "cuda" if args.gpu else "cpu"})
+        config = config.replace(data=type(config.data)(**{**config.data.__dict__, "url": data}), runtime=runtime)
+        name = args.name or f"{config.recipe}-{Path(data.rstrip('/')).name}"
+        if not name or "/" in name:
+            raise UserError(f"--name: a run name is one path segment, got {name!r}")
+        if args.max_failures < -1:
+            raise UserError("--max-failures: expected -1 (unlimited) or a count >= 0")
+        if args.cpus_per_worker <= 0:
+            raise UserError("--cpus-per-worker: must be > 0")
+        on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+        timeout = args.resource_timeout if args.resource_timeout is not None else (600.0 if on_cluster else 0.0)
+        return cls(config=config, storage=storage.normalize(args.storage), name=name,
+                   workers=parse_workers(str(args.workers)), gpu=args.gpu, max_failures=args.max_failures,
+                   storage_options=_storage_options(args.storage_option),
+                   cpus_per_worker=args.cpus_per_worker, resource_timeout_s=timeout)
+
+
+def _storage_options(items: list[str]) -> dict:
+    from inpaint.data import DataError, parse_storage_options
+
+    try:
+        return parse_storage_options(items)
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+
+
+def ensure_sample_data(path: str) -> str:
+    """Pack the built-in sample dataset to ``path`` on first use."""
+    from inpaint.data import pack_dataset
+
+    if not (Path(path) / "index.json").is_file():
+        print(f"packing the built-in sample dataset into {path} (first run only)")
+        pack_dataset("sample", None, path, progress=True)
+    return path
+
+
+@dataclass
+class TrainSummary:
+    ok: bool
+    run: storage.RunPaths
+    step: int | None
+    phase: str | None
+    checkpoint: str | None
+    error: str | None = None
+
+    def describe(self) -> str:
+        lines = [f"run {self.run.name}: " + (f"step {self.step}, phase {self.phase}" if self.ok
+                                              else f"FAILED: {self.error}")]
+        if self.checkpoint:
+            lines.append(f"  latest checkpoint: {self.checkpoint}")
+        lines += [f"  checkpoints:       {self.run.run}/checkpoint_*",
+                  f"  tensorboard:       tensorboard --logdir {self.run.tensorboard}",
+                  f"  sample grids:      {self.run.samples}/step_*.png",
+                  f"  resolved config:   {self.run.config}"]
+        return "\n".join(lines)
+
+
+def _check_data(request: TrainRequest) -> None:
+    from inpaint.data import DataError, load_index
+
+    data = request.config.data
+    try:
+        index = load_index(data.url, request.storage_options or None)
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+    available = index.split_size(data.train_split)
+    needed = data.batch_size * (request.workers if isinstance(request.workers, int) else request.workers[1])
+    if available < needed:
+        raise UserError(f"data {data.url}: split {data.train_split!r} has {available} images, fewer than one "
+                        f"batch per worker ({needed}); lower data.batch_size or --workers")
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS (as `ray job submit` sets it), or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    # Workers import the project from this checkout even when it is not pip-installed.
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                                           os.environ.get("PYTHONPATH")]))}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(runtime_env=runtime_env, log_to_driver=True)
+
+
+def _check_placeable(request: TrainRequest) -> None:
+    """Fail fast (or wait for the autoscaler) when the minimum worker group cannot be placed."""
+    import ray
+
+    need_cpu = request.min_workers * request.cpus_per_worker
+    need_gpu = request.min_workers if request.gpu else 0
+    deadline = time.monotonic() + request.resource_timeout_s
+    asked = False
+    while True:
+        total = ray.cluster_resources()
+        have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
+        if have_cpu >= need_cpu and have_gpu >= need_gpu:
+            return
+        if time.monotonic() >= deadline:
+            raise UserError(
+                f"cannot place {request.min_workers} worker(s) x {request.cpus_per_worker:g} CPU"
+                + (" + 1 GPU" if request.gpu else "")
+                + f": the cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs; use fewer --workers, "
+                  "a smaller --cpus-per-worker, or a larger cluster")
+        if not asked:
+            from ray.autoscaler.sdk import request_resources
+
+            bundle = {"CPU": request.cpus_per_worker, **({"GPU": 1} if request.gpu else {})}
+            request_resources(bundles=[bundle] * request.min_workers)
+            log.info("waiting up to %.0f s for the autoscaler to provide %d worker(s)",
+                     request.resource_timeout_s, request.min_workers)
+            asked = True
+        time.sleep(5)
+
+
+def build_trainer(request: TrainRequest):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cluster.train_loop import train_loop_per_worker
+
+    filesystem, storage_path = storage.pyarrow_filesystem(request.storage)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": request.config.to_dict(), "storage": request.storage, "name": request.name,
+                           "storage_options": request.storage_options,
+                           "threads_per_worker": max(1, int(request.cpus_per_worker))},
+        torch_config=TorchConfig(backend="nccl" if request.gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=request.workers, use_gpu=request.gpu,
+                                     resources_per_worker={"CPU": request.cpus_per_worker}),
+        run_config=RunConfig(
+            name=request.name,  # fixed: the same name resumes from the run's latest checkpoint
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=request.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=request.config.checkpoint.keep_last),
+        ),
+    )
+
+
+def run_training(request: TrainRequest) -> TrainSummary:
+    _check_data(request)
+    try:
+        storage.check_writable(request.run.run)
+    except storage.StorageError as exc:
+        raise UserError(str(exc)) from None
+    storage.write_text(request.run.config, request.config.to_json())
+    ensure_ray()
+    _check_placeable(request)
+    import ray.train
+
+    trainer = build_trainer(request)
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        return TrainSummary(ok=False, run=request.run, step=None, phase=None, checkpoint=None,
+                            error=f"training failed after {request.max_failures} restart(s): {exc}")
+    checkpoint = result.checkpoint
+    step = phase = None
+    location = None
+    if checkpoint is not None:
+        location = (f"s3://{checkpoint.path}" if request.storage.startswith("s3://") else checkpoint.path)
+        metrics = result.metrics or {}
+        step, phase = metrics.get("step"), metrics.get("phase")
+        if step is None:
+            from inpaint.checkpoint import read_meta
+
+            with checkpoint.as_directory() as directory:
+                meta = read_meta(directory)
+            step, phase = meta["step"], meta["phase"]
+    return TrainSummary(ok=True, run=request.run, step=step, phase=phase, checkpoint=location)

@@ -1,0 +1,61 @@
+"""Rank-0 TensorBoard writer that lives next to the run's checkpoints, local or in S3.
+
+Event files are written to a local folder and mirrored to the run's storage on every flush:
+appending to an S3 object is not possible, and a local file that only syncs when asked keeps
+the training step free of network calls.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid, save_image
+
+from cluster import storage
+
+
+class RunWriter:
+    """Scalars, image grids and sample PNGs for one run; call ``sync`` to publish them."""
+
+    def __init__(self, run: storage.RunPaths, *, sync_every_s: float = 30.0):
+        self.run = run
+        self.remote = storage.is_remote(run.tensorboard)
+        self.local_dir = Path(tempfile.mkdtemp(prefix="inpaint-tb-")) if self.remote else Path(run.tensorboard)
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(log_dir=str(self.local_dir), flush_secs=10)
+        self.sync_every_s = sync_every_s
+        self._last_sync = time.monotonic()
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, float(value), step)
+        if time.monotonic() - self._last_sync > self.sync_every_s:
+            self.sync()
+
+    def image_grid(self, masked: torch.Tensor, completed: torch.Tensor, original: torch.Tensor, step: int) -> str:
+        """Rows of (masked | completed | original); also saved as samples/step_XXXXXXXX.png."""
+        triplets = torch.stack([masked, completed, original], dim=1).flatten(0, 1).float().clamp(0, 1).cpu()
+        grid = make_grid(triplets, nrow=3, padding=2)
+        self.writer.add_image("images/masked|completed|original", grid, step)
+        target = storage.join(self.run.samples, f"step_{step:08d}.png")
+        with tempfile.TemporaryDirectory() as tmp:
+            png = Path(tmp) / "grid.png"
+            save_image(grid, png)
+            fs, path = storage.fsspec_filesystem(target)
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(png), path)
+        return target
+
+    def sync(self) -> None:
+        self.writer.flush()
+        if self.remote:
+            storage.upload_dir(self.local_dir, self.run.tensorboard)
+        self._last_sync = time.monotonic()
+
+    def close(self) -> None:
+        self.sync()
+        self.writer.close()

@@ -1,0 +1,191 @@
+"""The function every Ray Train worker runs: restore, train, report checkpoints and metrics.
+
+The Ray layer only moves things: it restores ``ray.train.get_checkpoint()`` into the
+:class:`inpaint.trainer.Trainer`, wraps the networks in DDP, and hands the directories that
+``Trainer.save`` writes to ``ray.train.report``. Rank 0 writes checkpoints and TensorBoard;
+every rank calls ``report`` at the same steps (it is a barrier).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import tempfile
+import time
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from cluster import storage
+from cluster.tensorboard import RunWriter
+from inpaint.checkpoint import CheckpointError
+from inpaint.config import Config
+from inpaint.data import make_train_loader
+from inpaint.phases import Phase
+from inpaint.trainer import Trainer
+
+log = logging.getLogger("inpaint.train")
+
+PHASE_INDEX = {Phase.GENERATOR: 0, Phase.DISCRIMINATOR: 1, Phase.JOINT: 2, Phase.DONE: 3}
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:09d}"
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def _ddp_wrapper(device: torch.device, world_size: int):
+    if world_size == 1:
+        return lambda module: module
+    device_ids = [device.index] if device.type == "cuda" else None
+    return lambda module: DistributedDataParallel(module, device_ids=device_ids)
+
+
+def _step_of(name: str) -> int:
+    try:
+        return int(name.rsplit("_", 1)[-1])
+    except ValueError:
+        return -1
+
+
+def restore_latest(trainer: Trainer, run: storage.RunPaths, registered: ray.train.Checkpoint | None, *,
+                   announce: bool) -> None:
+    """Load the newest complete checkpoint of the run, registered with Ray or not.
+
+    Ray registers a reported checkpoint a moment after its upload, so a worker killed in that
+    window leaves a complete folder in storage that Ray does not list. Our checkpoints are
+    self-verifying (meta.json last, with sha256 of every file), so such a folder is safe to
+    resume from and saves a checkpoint interval of work; an incomplete one fails verification
+    and the next older one is tried.
+    """
+    registered_name = registered.path.rstrip("/").rsplit("/", 1)[-1] if registered is not None else None
+    candidates = sorted((url for url in storage.list_subdirs(run.run)
+                         if url.rsplit("/", 1)[-1].startswith("checkpoint_")),
+                        key=lambda url: _step_of(url.rsplit("/", 1)[-1]), reverse=True)
+    floor = _step_of(registered_name) if registered_name else -1
+    for url in candidates:
+        if _step_of(url.rsplit("/", 1)[-1]) <= floor:
+            break
+        try:
+            with tempfile.TemporaryDirectory(prefix="inpaint-restore-") as scratch:
+                meta = trainer.load(storage.download_dir(url, scratch))
+        except (CheckpointError, storage.StorageError, OSError) as exc:
+            log.warning("skipping %s: %s", url, exc)
+            continue
+        if announce:
+            log.info("resumed from %s: step %d, phase %s, %d samples seen (not yet registered with Ray)",
+                     url, meta["step"], meta["phase"], meta["samples_seen"])
+        return
+    if registered is not None:
+        with registered.as_directory() as directory:
+            meta = trainer.load(directory)
+        if announce:
+            log.info("resumed from %s: step %d, phase %s, %d samples seen",
+                     registered.path, meta["step"], meta["phase"], meta["samples_seen"])
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    config = Config.from_dict(loop_config["config"])
+    run = storage.RunPaths(loop_config["storage"], loop_config["name"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
+
+    trainer = Trainer(config, device=device, world_size=world_size, rank=rank)
+    restore_latest(trainer, run, ray.train.get_checkpoint(), announce=rank == 0)
+    trainer.wrap_models(_ddp_wrapper(device, world_size))
+
+    if trainer.done:
+        if rank == 0:
+            log.info("run %s already finished its schedule at step %d; nothing to do", run.name, trainer.step)
+        return
+
+    loader = make_train_loader(config.data, config.model, config.mask, rank=rank, world_size=world_size,
+                               storage_options=loop_config.get("storage_options") or None)
+    if trainer.data_state is not None:
+        loader.load_state_dict(trainer.data_state)
+
+    writer = RunWriter(run) if rank == 0 else None
+    every = config.checkpoint.every_steps
+    batch_size = config.data.batch_size
+    window_start = time.perf_counter()
+    window_images = 0
+    data_time = step_time = 0.0
+    try:
+        data_iter = iter(loader)
+        while not trainer.done:
+            t0 = time.perf_counter()
+            batch = next(data_iter)
+            t1 = time.perf_counter()
+            before = (trainer.step, trainer.samples_seen)
+            phase = trainer.phase
+            losses = trainer.train_step(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t2 = time.perf_counter()
+            trainer.data_state = loader.state_dict()
+            data_time += t1 - t0
+            step_time += t2 - t1
+            window_images += batch_size
+            step = trainer.step
+
+            if writer is not None and step % config.log.every_steps == 0:
+                elapsed = time.perf_counter() - window_start
+                steps_in_window = max(1, window_images // batch_size)
+                scalars = {k: float(v) for k, v in losses.items()}
+                scalars.update({
+                    "perf/images_per_s": window_images * world_size / elapsed,
+                    "perf/images_per_s_per_worker": window_images / elapsed,
+                    "time/data(s)": data_time / steps_in_window,
+                    "time/step(s)": step_time / steps_in_window,
+                    "memory/max(GiB)": _memory_gb(device),
+                    "schedule/phase": PHASE_INDEX[trainer.phase],
+                    "schedule/samples_seen": trainer.samples_seen,
+                    "lr/generator": trainer.g_optimizer.param_groups[0]["lr"],
+                    "lr/discriminator": trainer.d_optimizer.param_groups[0]["lr"],
+                    "data/epoch": batch.get("epoch", 0),
+                })
+                writer.scalars(scalars, step)
+                log.info("step %d phase %s %s | %.1f img/s", step, phase.value,
+                         " ".join(f"{k.rsplit('/', 1)[-1]}={v:.4g}" for k, v in losses.items()),
+                         scalars["perf/images_per_s"])
+                window_start, window_images, data_time, step_time = time.perf_counter(), 0, 0.0, 0.0
+            if writer is not None and (step % config.log.image_every_steps == 0 or trainer.done):
+                masked, completed, original = trainer.complete(batch)
+                count = config.log.image_count
+                writer.image_grid(masked[:count], completed[:count], original[:count], step)
+
+            boundary = trainer.schedule.crosses_boundary(before, (trainer.step, trainer.samples_seen))
+            if step % every == 0 or boundary or trainer.done:
+                _report(trainer, losses, rank, writer)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _report(trainer: Trainer, losses: dict[str, torch.Tensor], rank: int, writer: RunWriter | None) -> None:
+    """Every rank reports (a barrier); only rank 0 attaches the checkpoint it wrote."""
+    metrics = {k: float(v) for k, v in losses.items()}
+    metrics.update(step=trainer.step, samples_seen=trainer.samples_seen, phase=trainer.phase.value)
+    if writer is not None:
+        writer.sync()
+    with tempfile.TemporaryDirectory(prefix="inpaint-ckpt-") as directory:
+        checkpoint = None
+        if rank == 0:
+            trainer.save(directory)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(trainer.step))
+    if rank == 0:
+        log.info("checkpoint %s reported (phase %s)", checkpoint_name(trainer.step), trainer.phase.value)
