@@ -39,6 +39,7 @@ GENERATOR_FILE = "generator.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 TRAINER_FILE = "trainer.pt"
 FORMAT_VERSION = 1
+INFERENCE_FILES = (GENERATOR_FILE, CONFIG_FILE)
 
 
 class CheckpointError(RuntimeError):
@@ -121,14 +122,21 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable ({exc})") from None
 
 
-def verify_checkpoint(directory: str | os.PathLike, *, checksums: bool = True) -> dict[str, Any]:
-    """Return the meta of a complete checkpoint, or raise CheckpointError saying what is wrong."""
+def verify_checkpoint(directory: str | os.PathLike, *, checksums: bool = True,
+                      files: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Return the meta of a complete checkpoint, or raise CheckpointError saying what is wrong.
+
+    ``files`` limits the check to the files a caller will read (inference needs only the
+    generator and config, ~5% of a paper-size checkpoint); by default every recorded file.
+    """
     meta = read_meta(directory)
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{directory}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
-    for name, expected in meta.get("files", {}).items():
+    recorded = meta.get("files", {})
+    for name in files if files is not None else tuple(recorded):
+        expected = recorded.get(name)
         path = Path(directory) / name
-        if not path.is_file():
+        if expected is None or not path.is_file():
             raise CheckpointError(f"{directory}: incomplete checkpoint, {name} is missing")
         if path.stat().st_size != expected["bytes"]:
             raise CheckpointError(f"{directory}: incomplete checkpoint, {name} has the wrong size")
@@ -146,12 +154,12 @@ def is_complete(directory: str | os.PathLike) -> bool:
 
 
 def load_checkpoint(directory: str | os.PathLike, *, weights_only: bool = False) -> CheckpointContents:
-    """Load a verified checkpoint; with ``weights_only`` skip the discriminator and trainer state."""
-    meta = verify_checkpoint(directory)
+    """Load a verified checkpoint; ``weights_only`` reads (and needs) only the generator and config."""
+    meta = verify_checkpoint(directory, files=INFERENCE_FILES if weights_only else None)
     root = Path(directory)
     try:
         config = Config.from_dict(json.loads((root / CONFIG_FILE).read_text()))
-    except (ConfigError, json.JSONDecodeError) as exc:
+    except (OSError, ConfigError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{root / CONFIG_FILE}: invalid config ({exc})") from None
     generator = load_file(str(root / GENERATOR_FILE))
     discriminator = trainer = None

@@ -1,0 +1,457 @@
+"""Evaluation jobs: a checkpoint or a classical baseline under the paper's protocol, and ``--watch``.
+
+One evaluation: resolve the checkpoint (a run folder means its latest), copy its generator,
+config and meta to a temporary folder and verify the generator against the meta's sha256, draw
+the protocol's images from the dataset index, complete and score them
+(in this process, or in Ray tasks over disjoint slices of the drawn set when there are many
+images and several workers), then publish report.md, grid.png and per_image.csv, then
+metrics.json last: its presence marks the evaluation as done. Scalars also go to the run's
+TensorBoard under ``tensorboard/eval`` at the checkpoint's step.
+
+``watch`` evaluates every checkpoint of a run that has no metrics.json yet, oldest first (Ray's
+retention deletes the oldest), and with an interval keeps polling until the latest checkpoint's
+phase is ``done``. Concurrent watchers never evaluate one checkpoint twice: each first creates
+``evaluations/<name>/CLAIM`` exclusively (``O_EXCL`` locally, ``If-None-Match: *`` on S3, which
+s3fs sends for mode ``"xb"``); on S3 the claim is also re-read after a pause, for stores that
+ignore the condition. A claim older than ``claim_timeout_s`` (a crashed evaluator) is taken over
+by whoever first creates the takeover marker named after that claim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator
+
+import torch
+from tqdm import tqdm
+
+from cluster import storage
+from inpaint import baselines
+from inpaint import checkpoint as ckpt
+from inpaint import evaluation as ev
+from inpaint.baselines import BaselineError
+from inpaint.config import Config, ConfigError, ModelConfig
+from inpaint.data import DataError, iter_split, load_index
+from inpaint.inference import (
+    Inpainter,
+    InpaintError,
+    checkpoint_urls,
+    fetch_checkpoint,
+    load_generator,
+    locate_checkpoint,
+)
+from inpaint.models import build_generator
+
+log = logging.getLogger("inpaint.evaluate")
+
+DEFAULT_IMAGES = 128
+RAY_MIN_IMAGES = 2000  # below this, starting Ray costs more than it saves
+CLAIM_FILE = "CLAIM"
+CLAIM_TIMEOUT_S = 2 * 3600.0
+CLAIM_SETTLE_S = 2.0
+EVALUATIONS = "evaluations"
+
+
+class EvaluationError(Exception):
+    """A mistake in the request (no data URL, nothing to evaluate); one line."""
+
+
+# Everything the job turns into "error: ..." and exit code 2.
+USER_ERRORS = (EvaluationError, ConfigError, DataError, ckpt.CheckpointError, storage.StorageError, BaselineError,
+               InpaintError)
+
+
+@dataclass
+class EvaluationRequest:
+    """How to evaluate, whatever is evaluated."""
+
+    data: str | None = None  # default: the data.url the checkpoint (or run) was trained on
+    output: str | None = None  # default: RUN/evaluations/<checkpoint name>
+    num_images: int | None = DEFAULT_IMAGES  # None: the whole split
+    seed: int = 0
+    workers: int = 1
+    split: str | None = None  # default: the config's data.eval_split
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    ray_min_images: int = RAY_MIN_IMAGES
+    batch_size: int = 16
+    device: str = "auto"
+
+
+@dataclass
+class EvaluationResult:
+    output: str
+    document: dict[str, Any]
+
+    def describe(self) -> str:
+        lines = [f"evaluation written to {self.output} "
+                 f"({self.document['protocol']['count']} images, {self.document['elapsed_s']:.1f} s)"]
+        for kind, figures in self.document["metrics"].items():
+            lines.append(f"  {kind:<11} PSNR {figures['psnr']['mean']:6.2f} dB  SSIM {figures['ssim']['mean']:.3f}  "
+                         f"hole PSNR {figures['hole_psnr']['mean']:6.2f} dB")
+        return "\n".join(lines)
+
+
+@dataclass
+class Subject:
+    """What is evaluated: a generator (its config and weights) or a named baseline."""
+
+    info: dict[str, Any]  # checkpoint URL, step, phase, ... or the baseline's name
+    model: ModelConfig
+    config: Config | None = None
+    weights: dict[str, torch.Tensor] | None = None
+
+    def completer(self, device: str) -> ev.Completer:
+        if self.weights is None:
+            return ev.baseline_completer(baselines.get(self.info["baseline"]))
+        generator = build_generator(self.model)
+        generator.load_state_dict(self.weights)
+        return Inpainter(generator, self.config, device=device).complete
+
+
+# ------------------------------------------------------------------ loading
+def _parent(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[0]
+
+
+def _name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def load_subject(checkpoint_url: str) -> Subject:
+    """Copy a checkpoint's generator, config and meta to a temporary folder, verify and load them."""
+    with tempfile.TemporaryDirectory(prefix="inpaint-eval-") as tmp:
+        try:
+            local = fetch_checkpoint(checkpoint_url, tmp)
+        except FileNotFoundError:
+            raise ckpt.CheckpointError(f"{checkpoint_url}: incomplete or deleted checkpoint") from None
+        except Exception as exc:  # any client error: unreachable storage, bad credentials
+            raise storage.StorageError(f"{checkpoint_url}: cannot be read ({_reason(exc)})") from None
+        contents = load_generator(local)
+    meta = contents.meta
+    info = {"checkpoint": checkpoint_url, "step": meta.get("step"),
+            "phase": meta.get("phase"), "samples_seen": meta.get("samples_seen"),
+            "config_digest": meta.get("config_digest"), "recipe": contents.config.recipe}
+    return Subject(info, contents.config.model, contents.config, contents.generator)
+
+
+def resolve_checkpoint(url: str) -> str:
+    """The checkpoint URL itself, or the latest checkpoint of a run folder."""
+    url = storage.normalize(url)
+    try:
+        return locate_checkpoint(url)
+    except ckpt.CheckpointError:
+        raise
+    except Exception as exc:  # any client error: unreachable storage, bad credentials
+        raise storage.StorageError(f"{url}: cannot be read ({_reason(exc)})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# ------------------------------------------------------------------ data
+def _protocol(subject: Subject, request: EvaluationRequest) -> tuple[ev.Protocol, list[tuple[int, str]]]:
+    """The protocol and the drawn (index in split, key) pairs, from the dataset index alone."""
+    data = request.data or (subject.config.data.url if subject.config else "")
+    if not data:
+        raise EvaluationError("no --data given and the checkpoint's config names no data.url")
+    split = request.split or (subject.config.data.eval_split if subject.config else "test")
+    index = load_index(data, request.storage_options or None)
+    keys = index.keys(split)
+    if not keys:
+        raise EvaluationError(f"{data}: split {split!r} is empty")
+    positions = ev.draw_positions(len(keys), request.num_images, request.seed)
+    if request.num_images is not None and len(keys) < request.num_images:
+        log.info("split %r of %s holds only %d images; evaluating all of them", split, data, len(keys))
+    protocol = ev.Protocol(data=data, split=split, seed=request.seed, count=len(positions),
+                           image_size=subject.model.image_size, local_size=subject.model.local_size)
+    return protocol, [(index_in_split, keys[index_in_split]) for index_in_split in positions]
+
+
+def _read(protocol: ev.Protocol, part: list[tuple[int, tuple[int, str]]],
+          storage_options: dict[str, Any]) -> Iterator[ev.Sample]:
+    """(position in the drawn set, key, uint8 image) for a slice of the drawn set; only its shards are read."""
+    position_of = {key: position for position, (_, key) in part}
+    for key, image in iter_split(protocol.data, protocol.split, protocol.image_size,
+                                 storage_options=storage_options or None, keys=position_of):
+        yield position_of[key], key, image
+
+
+def _evaluate_part(subject: Subject, protocol: ev.Protocol, part: list, request: EvaluationRequest) -> ev.Scores:
+    """Score one slice of the drawn set (run in this process or as a Ray task)."""
+    return ev.evaluate_samples(subject.completer(request.device), _read(protocol, part, request.storage_options),
+                               protocol, batch_size=request.batch_size)
+
+
+def _score(subject: Subject, protocol: ev.Protocol, drawn: list[tuple[int, str]],
+           request: EvaluationRequest) -> tuple[ev.Scores, int]:
+    """Scores of the whole drawn set and the number of workers used."""
+    numbered = list(enumerate(drawn))
+    if request.workers <= 1 or len(numbered) <= request.ray_min_images:
+        with tqdm(total=len(numbered), desc="evaluate", unit="img") as bar:
+            scores = ev.evaluate_samples(subject.completer(request.device),
+                                         _read(protocol, numbered, request.storage_options),
+                                         protocol, batch_size=request.batch_size, progress=bar.update)
+        return scores, 1
+    return _score_with_ray(subject, protocol, numbered, request), request.workers
+
+
+def _score_with_ray(subject: Subject, protocol: ev.Protocol, numbered: list, request: EvaluationRequest) -> ev.Scores:
+    """One disjoint contiguous slice per worker as a Ray task (contiguous: each reads few shards); gathered once."""
+    import ray
+
+    from cluster.launch import ensure_ray
+
+    ensure_ray()
+    count = min(len(numbered), request.workers)
+    bounds = [round(i * len(numbered) / count) for i in range(count + 1)]
+    task = ray.remote(num_cpus=1)(_evaluate_part)
+    subject_ref = ray.put(subject)
+    pending = {task.remote(subject_ref, protocol, numbered[a:b], request): b - a for a, b in zip(bounds, bounds[1:])}
+    order = list(pending)
+    log.info("evaluating %d images in %d Ray tasks", len(numbered), count)
+    with tqdm(total=len(numbered), desc="evaluate (ray)", unit="img") as bar:
+        remaining = list(pending)
+        while remaining:
+            done, remaining = ray.wait(remaining, num_returns=1)
+            bar.update(pending[done[0]])
+    scores = ev.Scores()
+    for part in ray.get(order):
+        scores = scores.merge(part)
+    return scores
+
+
+# ------------------------------------------------------------------ outputs
+def _read_json(url: str) -> dict[str, Any] | None:
+    fs, path = storage.fsspec_filesystem(url)
+    try:
+        return json.loads(fs.cat_file(path))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def previous_evaluations(output: str) -> list[dict[str, Any]]:
+    """metrics.json of the other evaluations beside ``output`` (e.g. RUN/evaluations/*)."""
+    found = []
+    for folder in storage.list_subdirs(_parent(output)):
+        if folder.rstrip("/") != output.rstrip("/"):
+            document = _read_json(storage.join(folder, ev.METRICS_FILE))
+            if document is not None and "metrics" in document:
+                found.append(document)
+    return found
+
+
+def publish(output: str, document: dict[str, Any], scores: ev.Scores) -> None:
+    """Write every file to ``output``; metrics.json last, since it marks the evaluation done."""
+    previous = previous_evaluations(output)
+    with tempfile.TemporaryDirectory(prefix="inpaint-eval-out-") as tmp:
+        ev.write_outputs(tmp, document, scores, previous)
+        storage.upload_dir(tmp, output)
+    storage.write_text(storage.join(output, ev.METRICS_FILE), ev.metrics_json(document))
+
+
+def _is_run_folder(url: str) -> bool:
+    fs, path = storage.fsspec_filesystem(url)
+    return fs.exists(f"{path}/config.json") or fs.isdir(f"{path}/tensorboard")
+
+
+def log_to_tensorboard(run_url: str, document: dict[str, Any]) -> None:
+    """Scalars into RUN/tensorboard/eval (written locally, then uploaded when the run is remote)."""
+    target = storage.join(run_url, "tensorboard", "eval")
+    if not storage.is_remote(target):
+        ev.log_scalars(target, document)
+        return
+    with tempfile.TemporaryDirectory(prefix="inpaint-eval-tb-") as tmp:
+        ev.log_scalars(tmp, document)
+        storage.upload_dir(tmp, target)
+
+
+# ------------------------------------------------------------------ one evaluation
+def evaluate_subject(subject: Subject, request: EvaluationRequest, output: str) -> EvaluationResult:
+    """Run the protocol on a loaded subject and publish its outputs to ``output``."""
+    protocol, drawn = _protocol(subject, request)
+    storage.check_writable(output)  # before the work, not after it
+    log.info("evaluating %s on %d images of %s split %r", subject.info.get("checkpoint") or subject.info["baseline"],
+             protocol.count, protocol.data, protocol.split)
+    start = time.perf_counter()
+    scores, workers = _score(subject, protocol, drawn, request)
+    if not scores.rows:
+        raise EvaluationError(f"{protocol.data}: none of the {protocol.count} drawn images is readable")
+    elapsed_s = time.perf_counter() - start
+    document = ev.metrics_document(subject.info, protocol, scores, elapsed_s=elapsed_s, workers=workers)
+    publish(output, document, scores)
+    if subject.weights is not None:
+        run_url = _parent(subject.info["checkpoint"])
+        if _is_run_folder(run_url):
+            log_to_tensorboard(run_url, document)
+    return EvaluationResult(output, document)
+
+
+def evaluate_checkpoint(url: str, request: EvaluationRequest) -> EvaluationResult:
+    """Evaluate one checkpoint (or a run folder's latest) under the protocol."""
+    checkpoint_url = resolve_checkpoint(url)
+    subject = load_subject(checkpoint_url)
+    output = storage.normalize(request.output) if request.output else storage.join(
+        _parent(checkpoint_url), EVALUATIONS, _name(checkpoint_url))
+    return evaluate_subject(subject, request, output)
+
+
+def evaluate_baseline(name: str, request: EvaluationRequest, checkpoint: str | None = None) -> EvaluationResult:
+    """The protocol on a classical method; a checkpoint (or run) URL lends its image size, data and run folder."""
+    baselines.get(name)  # fail before any data is read when the method cannot run here
+    subject = Subject({"baseline": name}, ModelConfig())
+    output = storage.normalize(request.output) if request.output else None
+    if checkpoint is not None:
+        checkpoint_url = resolve_checkpoint(checkpoint)
+        loaded = load_subject(checkpoint_url)
+        subject = Subject({"baseline": name}, loaded.model, loaded.config)
+        output = output or storage.join(_parent(checkpoint_url), EVALUATIONS, f"baseline-{name}")
+    if output is None:
+        raise EvaluationError("--baseline without --checkpoint needs --output")
+    return evaluate_subject(subject, request, output)
+
+
+# ------------------------------------------------------------------ claims
+def _claim_record(owner: str) -> bytes:
+    return json.dumps({"owner": owner, "host": socket.gethostname(), "pid": os.getpid(),
+                       "claimed_at": time.time()}).encode()
+
+
+def _create_exclusive(fs, path: str, payload: bytes) -> bool:
+    """Create ``path`` only if it does not exist; False when someone else did first."""
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(payload)
+    except FileExistsError:
+        return False
+    return True
+
+
+def claim(folder: str, owner: str, *, timeout_s: float = CLAIM_TIMEOUT_S, settle_s: float = CLAIM_SETTLE_S) -> bool:
+    """Whether ``owner`` now holds the claim on an evaluation folder (see the module doc)."""
+    fs, path = storage.fsspec_filesystem(folder)
+    fs.makedirs(path, exist_ok=True)
+    claim_path = f"{path}/{CLAIM_FILE}"
+    record = _claim_record(owner)
+    if not _create_exclusive(fs, claim_path, record):
+        try:
+            held = fs.cat_file(claim_path)
+            age = time.time() - fs.modified(claim_path).timestamp()
+        except FileNotFoundError:
+            return False  # released just now; the next poll may take it
+        if age < timeout_s:
+            return False
+        # Everyone who saw this stale claim races for one marker named after it; one wins.
+        marker = f"{claim_path}.takeover-{hashlib.sha256(held).hexdigest()[:16]}"
+        if not _create_exclusive(fs, marker, record):
+            return False
+        log.warning("taking over %s, stale for %.0f s (%s)", claim_path, age, held.decode(errors="replace"))
+        with fs.open(claim_path, "wb") as f:
+            f.write(record)
+    if storage.is_remote(folder):
+        time.sleep(settle_s)  # a store that ignored If-None-Match keeps the last writer: check it is us
+        if json.loads(fs.cat_file(claim_path)).get("owner") != owner:
+            return False
+    return True
+
+
+def release(folder: str) -> None:
+    """Drop a claim so that a later poll can evaluate the folder's checkpoint again."""
+    fs, path = storage.fsspec_filesystem(folder)
+    fs.rm(f"{path}/{CLAIM_FILE}")
+
+
+# ------------------------------------------------------------------ watch
+@dataclass
+class WatchSummary:
+    evaluated: list[str] = field(default_factory=list)  # checkpoint names, in order
+    skipped: list[str] = field(default_factory=list)  # deleted before they could be evaluated
+    polls: int = 0
+    finished: bool = False
+
+    def describe(self) -> str:
+        state = "run finished" if self.finished else "run not finished"
+        return (f"watch: {state} after {self.polls} poll(s); evaluated {len(self.evaluated)} checkpoint(s)"
+                + (f": {', '.join(self.evaluated)}" if self.evaluated else "")
+                + (f"; skipped {len(self.skipped)} deleted: {', '.join(self.skipped)}" if self.skipped else ""))
+
+
+def run_data_url(run_url: str) -> str:
+    """data.url of the run's config.json, for a watcher given no --data."""
+    document = _read_json(storage.join(run_url, "config.json"))
+    if document is None:
+        raise EvaluationError(f"{run_url}: no config.json to take the data URL from; pass --data")
+    url = Config.from_dict(document).data.url
+    if not url:
+        raise EvaluationError(f"{run_url}/config.json names no data.url; pass --data")
+    return url
+
+
+def _list_checkpoints(run_url: str) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        checkpoints = checkpoint_urls(run_url)
+    except Exception as exc:  # any client error: unreachable storage, bad credentials
+        raise storage.StorageError(f"{run_url}: cannot be listed ({_reason(exc)})") from None
+    if not checkpoints:
+        log.info("no checkpoint under %s yet", run_url)
+    return checkpoints
+
+
+def _evaluate_claimed(checkpoint_url: str, folder: str, request: EvaluationRequest, summary: WatchSummary) -> None:
+    """Evaluate a claimed checkpoint; a deleted one is skipped, an incomplete one released for later."""
+    name = _name(checkpoint_url)
+    try:
+        subject = load_subject(checkpoint_url)
+    except (ckpt.CheckpointError, storage.StorageError) as exc:
+        fs, path = storage.fsspec_filesystem(checkpoint_url)
+        if fs.exists(f"{path}/{ckpt.META_FILE}"):
+            log.warning("%s is not complete yet (%s); will retry on the next poll", name, _reason(exc))
+            release(folder)
+        else:
+            log.warning("%s was deleted (checkpoint retention?) before it could be evaluated; skipped", name)
+            summary.skipped.append(name)
+        return
+    try:
+        result = evaluate_subject(subject, replace(request, output=folder), folder)
+    except BaseException:
+        release(folder)  # let a later poll, or another watcher, try again
+        raise
+    log.info("%s", result.describe())
+    summary.evaluated.append(name)
+
+
+def watch(run_url: str, request: EvaluationRequest, *, interval: float | None = None, max_polls: int | None = None,
+          claim_timeout_s: float = CLAIM_TIMEOUT_S, settle_s: float = CLAIM_SETTLE_S,
+          owner: str | None = None) -> WatchSummary:
+    """Evaluate each not yet evaluated checkpoint of a run; with ``interval``, poll until the run is done."""
+    run_url = storage.normalize(run_url)
+    if not request.data:
+        request = replace(request, data=run_data_url(run_url))
+    owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    summary = WatchSummary()
+    while True:
+        summary.polls += 1
+        checkpoints = _list_checkpoints(run_url)
+        for checkpoint_url, _ in checkpoints:
+            folder = storage.join(run_url, EVALUATIONS, _name(checkpoint_url))
+            fs, path = storage.fsspec_filesystem(folder)
+            if fs.exists(f"{path}/{ev.METRICS_FILE}"):
+                continue
+            if not claim(folder, owner, timeout_s=claim_timeout_s, settle_s=settle_s):
+                log.info("%s is claimed by another evaluator; leaving it", _name(checkpoint_url))
+                continue
+            _evaluate_claimed(checkpoint_url, folder, request, summary)
+        summary.finished = bool(checkpoints) and checkpoints[-1][1].get("phase") == "done"
+        if interval is None or summary.finished or (max_polls is not None and summary.polls >= max_polls):
+            return summary
+        log.info("waiting %.0f s for new checkpoints of %s", interval, run_url)
+        time.sleep(interval)

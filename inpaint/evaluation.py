@@ -1,0 +1,277 @@
+"""The evaluation protocol, its figures, and the files an evaluation leaves behind.
+
+The paper's protocol: ``count`` test images (128) drawn with a fixed seed, each completed with
+a centred hole of 1/4 and of 1/3 of the image area and with a random rectangle. Image ``i``
+of the drawn set gets the same random hole in every evaluation with the same seed, so figures
+are comparable across checkpoints and runs. Completions are quantized to uint8 before scoring
+(as a saved PNG would be), and figures are computed per image with :mod:`inpaint.metrics`:
+PSNR and SSIM over the whole image (the paper's numbers), PSNR over the hole, L1 over the
+whole image and over the hole; each is reported as mean, population standard deviation and count.
+
+Everything here runs in one process on local folders; ``cluster/evaluation.py`` spreads
+:func:`evaluate_samples` over Ray workers and moves the files to and from storage.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torchvision.utils import make_grid
+
+from inpaint import metrics
+from inpaint.masks import EVALUATION_MASK_KINDS, evaluation_masks, hole_bbox
+
+FORMAT_VERSION = 1
+METRICS = ("psnr", "ssim", "hole_psnr", "l1", "hole_l1")
+MAX_PSNR_DB = 100.0  # identical images have infinite PSNR; cap so means and JSON stay finite
+GRID_IMAGES = 16  # the first images of the drawn set, the same ones in every evaluation
+GRID_KIND = "center_1/4"
+METRICS_FILE, REPORT_FILE, GRID_FILE, PER_IMAGE_FILE = "metrics.json", "report.md", "grid.png", "per_image.csv"
+
+# The paper's CelebA figures at 160x160 (GLCIC's as the paper reports them), for the report.
+PAPER_CELEBA = (("GLCIC (Iizuka et al. 2017), as reported by the paper", 30.18, 0.80),
+                ("SE-ResNet + contextual loss (the paper)", 36.90, 0.92))
+
+# (uint8 images (B, 3, S, S), masks (B, 1, S, S) with 1 = known) -> completed uint8 images.
+Completer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Sample = tuple[int, str, torch.Tensor]  # (position in the drawn set, key, uint8 (3, S, S))
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Which images and holes an evaluation uses; equal protocols give comparable figures."""
+
+    data: str
+    split: str
+    seed: int
+    count: int  # images evaluated (the whole split when that was asked for)
+    image_size: int
+    local_size: int
+    kinds: tuple[str, ...] = EVALUATION_MASK_KINDS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "kinds": list(self.kinds)}
+
+    def masks(self, kind: str, positions: list[int]) -> torch.Tensor:
+        """Holes (B, 1, S, S), 1 = known, for images at these positions of the drawn set."""
+        if kind != "random":
+            return evaluation_masks(kind, len(positions), self.image_size, self.local_size)[0]
+        # One seed per position: a worker evaluating any slice draws the holes a single process would.
+        return torch.cat([evaluation_masks(kind, 1, self.image_size, self.local_size,
+                                           seed=_hole_seed(self.seed, position))[0] for position in positions])
+
+
+def _hole_seed(seed: int, position: int) -> int:
+    """A 32-bit seed per (protocol seed, position): torch's generator keeps only the low 32 bits."""
+    return int.from_bytes(hashlib.blake2b(f"eval-hole:{seed}:{position}".encode(), digest_size=4).digest(), "little")
+
+
+def same_protocol(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two metrics.json protocols drew the same images and holes (the data URL may be spelt differently)."""
+    return all(a.get(name) == b.get(name) for name in ("split", "seed", "count", "image_size", "local_size", "kinds"))
+
+
+def draw_positions(split_size: int, count: int | None, seed: int) -> list[int]:
+    """Sorted indices into the split of the images to evaluate: ``count`` drawn by ``seed``, or all."""
+    if count is None or count >= split_size:
+        return list(range(split_size))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(split_size, generator=generator)[:count].tolist())
+
+
+@dataclass
+class Scores:
+    """Per-image figures (one row per image and hole kind) and the grid images of one part."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    grid: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def merge(self, other: "Scores") -> "Scores":
+        return Scores(self.rows + other.rows, {**self.grid, **other.grid})
+
+
+def score(completed: torch.Tensor, original: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every figure of METRICS per image (B,) from uint8 completions and originals."""
+    pred, target = completed.double() / 255, original.double() / 255
+    return {
+        "psnr": metrics.psnr(pred, target).clamp(max=MAX_PSNR_DB),
+        "ssim": metrics.ssim(pred, target),
+        "hole_psnr": metrics.hole_psnr(pred, target, masks).clamp(max=MAX_PSNR_DB),
+        "l1": metrics.l1(pred, target),
+        "hole_l1": metrics.hole_l1(pred, target, masks),
+    }
+
+
+def _batches(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
+    batch: list[Sample] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def evaluate_samples(complete: Completer, samples: Iterable[Sample], protocol: Protocol, *,
+                     batch_size: int = 16, progress: Callable[[int], None] | None = None) -> Scores:
+    """Complete and score every sample with every hole kind of the protocol."""
+    scores = Scores()
+    for batch in _batches(samples, batch_size):
+        positions = [position for position, _, _ in batch]
+        images = torch.stack([image for _, _, image in batch])
+        for kind in protocol.kinds:
+            masks = protocol.masks(kind, positions)
+            completed = complete(images, masks).cpu()
+            figures = {name: values.tolist() for name, values in score(completed, images, masks).items()}
+            for i, (position, key, _) in enumerate(batch):
+                top, left, bottom, right = hole_bbox(masks[i])
+                scores.rows.append({"kind": kind, "position": position, "key": key,
+                                    "hole": f"{top},{left},{bottom - top},{right - left}",
+                                    **{name: figures[name][i] for name in METRICS}})
+                if kind == GRID_KIND and position < GRID_IMAGES:
+                    masked = torch.where(masks[i] >= 0.5, images[i], 255).to(torch.uint8)  # white hole
+                    scores.grid[position] = (masked, completed[i], images[i])
+        if progress is not None:
+            progress(len(batch))
+    return scores
+
+
+def baseline_completer(fill: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Completer:
+    """A batch completer around a per-image classical method (see :mod:`inpaint.baselines`)."""
+
+    def complete(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        filled = [fill(image.permute(1, 2, 0).numpy(), mask[0].numpy() < 0.5) for image, mask in zip(images, masks)]
+        return torch.from_numpy(np.stack(filled)).permute(0, 3, 1, 2)
+
+    return complete
+
+
+def summarize(rows: list[dict[str, Any]], kinds: Iterable[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """{kind: {metric: {mean, std, count}}} over the per-image rows (at least one per kind)."""
+    summary = {}
+    for kind in kinds:
+        selected = [row for row in rows if row["kind"] == kind]
+        summary[kind] = {}
+        for name in METRICS:
+            values = np.array([row[name] for row in selected], dtype=np.float64)
+            summary[kind][name] = {"mean": float(values.mean()), "std": float(values.std()),
+                                   "count": int(len(values))}
+    return summary
+
+
+def metrics_document(subject: dict[str, Any], protocol: Protocol, scores: Scores, *, elapsed_s: float,
+                     workers: int) -> dict[str, Any]:
+    """The content of metrics.json: what was evaluated, how, and every figure."""
+    return {
+        "format": FORMAT_VERSION,
+        "checkpoint": None, "baseline": None, "step": None, "phase": None, "config_digest": None,
+        **subject,
+        "protocol": protocol.to_dict(),
+        "metrics": summarize(scores.rows, protocol.kinds),
+        "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "elapsed_s": round(elapsed_s, 3),
+        "images_per_s": round(protocol.count / elapsed_s, 3) if elapsed_s > 0 else None,
+        "workers": workers,
+    }
+
+
+def _label(document: dict[str, Any]) -> str:
+    if document.get("baseline"):
+        return f"baseline {document['baseline']}"
+    return f"step {document.get('step')}"
+
+
+def _fmt(summary: dict[str, float], digits: int) -> str:
+    return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+
+
+def render_report(document: dict[str, Any], previous: list[dict[str, Any]]) -> str:
+    """report.md: the figures, the paper's beside them, and the run's earlier evaluations."""
+    protocol = document["protocol"]
+    kinds = protocol["kinds"]
+    if document.get("baseline"):
+        title = f"Evaluation of the {document['baseline']} baseline"
+        origin = f"classical method `{document['baseline']}` (no network)"
+    else:
+        title = f"Evaluation at step {document['step']} ({document['phase']} phase)"
+        origin = f"checkpoint `{document['checkpoint']}` · recipe {document.get('recipe')} · " \
+                 f"config {document['config_digest']}"
+    lines = [f"# {title}", "", origin, "",
+             f"{protocol['count']} images of split `{protocol['split']}` of `{protocol['data']}`, drawn with seed "
+             f"{protocol['seed']}, centre-cropped to {protocol['image_size']} px; holes: {', '.join(kinds)} "
+             "(random: a rectangle with sides 1/4 to 1/2 of the image, fixed per image by the seed). "
+             "Completions are quantized to 8 bits before scoring.", "",
+             "| holes | PSNR (dB) | SSIM | hole PSNR (dB) | L1 | hole L1 | images |",
+             "|---|---|---|---|---|---|---|"]
+    for kind in kinds:
+        m = document["metrics"][kind]
+        lines.append(f"| {kind} | {_fmt(m['psnr'], 2)} | {_fmt(m['ssim'], 3)} | {_fmt(m['hole_psnr'], 2)} | "
+                     f"{_fmt(m['l1'], 4)} | {_fmt(m['hole_l1'], 4)} | {m['psnr']['count']} |")
+    lines += ["", "## Beside the paper", "",
+              "The paper reports CelebA at 160x160 (hole setting: paper, protocol as stated there); "
+              "other data, image sizes or holes make the rows below only roughly comparable.", "",
+              "| method | PSNR (dB) | SSIM |", "|---|---|---|"]
+    lines += [f"| {name} | {psnr:.2f} | {ssim:.2f} |" for name, psnr, ssim in PAPER_CELEBA]
+    lines += [f"| this evaluation, {kind} | {document['metrics'][kind]['psnr']['mean']:.2f} | "
+              f"{document['metrics'][kind]['ssim']['mean']:.2f} |" for kind in kinds]
+    comparable = [entry for entry in previous if same_protocol(entry.get("protocol", {}), protocol)]
+    lines += ["", "## Other evaluations in this folder (same protocol)", ""]
+    if len(comparable) < len(previous):
+        lines += [f"{len(previous) - len(comparable)} evaluation(s) with another protocol are left out.", ""]
+    history = sorted([document, *comparable], key=lambda d: (d.get("baseline") is not None, d.get("step") or 0,
+                                                           d.get("baseline") or ""))
+    lines += ["| evaluated | phase | " + " | ".join(f"{kind} PSNR / SSIM" for kind in kinds) + " |",
+              "|---|---|" + "---|" * len(kinds)]
+    for entry in history:
+        cells = [f"{entry['metrics'][kind]['psnr']['mean']:.2f} / {entry['metrics'][kind]['ssim']['mean']:.3f}"
+                 if kind in entry.get("metrics", {}) else "-" for kind in kinds]
+        marker = " (this)" if entry is document else ""
+        lines.append(f"| {_label(entry)}{marker} | {entry.get('phase') or '-'} | " + " | ".join(cells) + " |")
+    lines += ["", f"## The first {GRID_IMAGES} images, {GRID_KIND} hole", "",
+              f"![masked | completed | original]({GRID_FILE})", ""]
+    return "\n".join(lines)
+
+
+def grid_image(scores: Scores) -> torch.Tensor:
+    """uint8 (3, H, W) grid, one row per image: masked | completed | original."""
+    triplets = [tile for position in sorted(scores.grid) for tile in scores.grid[position]]
+    return make_grid(torch.stack(triplets), nrow=3, padding=2, pad_value=255)
+
+
+def write_outputs(directory: str | Path, document: dict[str, Any], scores: Scores,
+                  previous: list[dict[str, Any]]) -> None:
+    """report.md, grid.png and per_image.csv into ``directory``; metrics.json (the completion mark) is the caller's."""
+    from PIL import Image
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_FILE).write_text(render_report(document, previous))
+    if scores.grid:
+        Image.fromarray(grid_image(scores).permute(1, 2, 0).numpy()).save(out / GRID_FILE)
+    with open(out / PER_IMAGE_FILE, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["kind", "position", "key", "hole", *METRICS])
+        writer.writeheader()
+        writer.writerows(sorted(scores.rows, key=lambda row: (row["kind"], row["position"])))
+
+
+def metrics_json(document: dict[str, Any]) -> str:
+    return json.dumps(document, indent=2, sort_keys=True)
+
+
+def log_scalars(log_dir: str | Path, document: dict[str, Any]) -> None:
+    """eval/<kind>/<metric> means into a TensorBoard folder, at the checkpoint's step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(log_dir)) as writer:
+        for kind, figures in document["metrics"].items():
+            for name, summary in figures.items():
+                writer.add_scalar(f"eval/{kind}/{name}", summary["mean"], document["step"])

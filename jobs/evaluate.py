@@ -1,0 +1,95 @@
+"""Evaluate checkpoints under the paper's protocol (128 test images; centre 1/4, centre 1/3 and random holes).
+
+    python jobs/evaluate.py --checkpoint runs/debug-sample --data data/sample            # the run's latest
+    python jobs/evaluate.py --checkpoint s3://b/runs/celeba-v1/checkpoint_000100000 --num-images all --workers 8
+    python jobs/evaluate.py --baseline biharmonic --checkpoint runs/debug-sample          # what the network buys
+    python jobs/evaluate.py --watch s3://b/runs/celeba-v1 --interval 600                  # the CronJob / sidecar
+
+Writes metrics.json, report.md, grid.png and per_image.csv to --output (default
+RUN/evaluations/<checkpoint>) and eval/<holes>/<metric> scalars to RUN/tensorboard/eval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
+
+
+def num_images(text: str) -> int | None:
+    """A positive count, or ``all`` (None)."""
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint); local or s3://")
+    what.add_argument("--watch", metavar="RUN_URL", help="evaluate every checkpoint of this run not evaluated yet")
+    parser.add_argument("--data", help="dataset folder URL (default: data.url of the checkpoint's / run's config)")
+    parser.add_argument("--output", help="output folder URL (default: RUN/evaluations/<checkpoint name>)")
+    parser.add_argument("--num-images", type=num_images, default=128, metavar="N|all",
+                        help="test images drawn with --seed (default: 128, the paper's); 'all' = the whole split")
+    parser.add_argument("--seed", type=int, default=0, help="draws the images and the random holes (default: 0)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Ray tasks in parallel when there are more than 2000 images (default: 1)")
+    parser.add_argument("--baseline", choices=("telea", "biharmonic"),
+                        help="evaluate a classical method instead (sizes, data, run folder from --checkpoint if given)")
+    parser.add_argument("--split", help="dataset split (default: the config's data.eval_split, i.e. test)")
+    parser.add_argument("--interval", type=float, metavar="SECONDS",
+                        help="with --watch: keep polling at this interval until the run is done")
+    parser.add_argument("--max-polls", type=int, metavar="N", help="with --watch --interval: stop after N polls")
+    parser.add_argument("--claim-timeout", type=float, default=7200.0, metavar="SECONDS",
+                        help="with --watch: a claim older than this is a crashed evaluator's and is taken over")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra fsspec option for the data URL, e.g. endpoint_url=http://minio:9000")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not (args.checkpoint or args.watch or args.baseline):
+        parser.error("give --checkpoint, --watch or --baseline")
+    if args.watch and (args.baseline or args.output):
+        parser.error("--watch writes to RUN/evaluations/<checkpoint>; it takes neither --baseline nor --output")
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from cluster import evaluation  # heavy imports after --help
+    from inpaint.data.storage import parse_storage_options
+
+    try:
+        request = evaluation.EvaluationRequest(
+            data=args.data, output=args.output, num_images=args.num_images, seed=args.seed, workers=args.workers,
+            split=args.split, storage_options=parse_storage_options(args.storage_option), device=args.device)
+        if args.watch:
+            summary = evaluation.watch(args.watch, request, interval=args.interval, max_polls=args.max_polls,
+                                       claim_timeout_s=args.claim_timeout)
+            print(summary.describe())
+            return 0
+        if args.baseline:
+            result = evaluation.evaluate_baseline(args.baseline, request, checkpoint=args.checkpoint)
+        else:
+            result = evaluation.evaluate_checkpoint(args.checkpoint, request)
+    except evaluation.USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
