@@ -113,7 +113,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return
 
     loader = make_train_loader(config.data, config.model, config.mask, rank=rank, world_size=world_size,
-                               storage_options=loop_config.get("storage_options") or None)
+                               storage_options=loop_config.get("storage_options") or None,
+                               pin_memory=device.type == "cuda")
     if trainer.data_state is not None:
         loader.load_state_dict(trainer.data_state)
 
