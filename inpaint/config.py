@@ -171,13 +171,11 @@ class DataConfig:
     eval_split: str = "test"
     batch_size: int = 12  # per worker (per GPU)
     num_workers: int = 2  # DataLoader processes per training worker
-    shuffle_buffer: int = 1000
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
-        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
 
 
 @dataclass

@@ -56,7 +56,7 @@ def debug() -> Config:
         loss=LossConfig(vgg_weights="random", cx_layers=("relu2_2",)),
         mask=MaskConfig(min_side=0.2, max_side=0.45),
         schedule=ScheduleConfig(generator_steps=8, discriminator_steps=4, joint_steps=8, reference_batch=4),
-        data=DataConfig(batch_size=4, num_workers=0, shuffle_buffer=64),
+        data=DataConfig(batch_size=4, num_workers=0),
         checkpoint=CheckpointConfig(every_steps=5, keep_last=2),
         log=LogConfig(every_steps=2, image_every_steps=10, image_count=4),
     )
