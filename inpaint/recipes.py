@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from inpaint.config import (
@@ -29,12 +30,9 @@ def celeba() -> Config:
 
 def lfw() -> Config:
     """The paper on LFW: as CelebA but batch 16 per GPU."""
-    return Config(
-        recipe="lfw",
-        schedule=ScheduleConfig(generator_steps=90_000, discriminator_steps=10_000, joint_steps=400_000,
-                                reference_batch=16),
-        data=DataConfig(batch_size=16),
-    )
+    base = celeba()
+    return base.replace(recipe="lfw", schedule=dataclasses.replace(base.schedule, reference_batch=16),
+                        data=dataclasses.replace(base.data, batch_size=16))
 
 
 def glcic() -> Config:
