@@ -47,6 +47,16 @@ def _randint(generator: torch.Generator, low: int, high: int) -> int:
     return int(torch.randint(low, high + 1, (), generator=generator))
 
 
+def _uniform_int(draw: float, low: int, high: int) -> int:
+    """A draw in [0, 1) mapped to an int uniform in [low, high] (inclusive)."""
+    return low + min(int(draw * (high - low + 1)), high - low)
+
+
+def _draws(generator: torch.Generator, count: int) -> list[float]:
+    # One generator call for all of a mask's numbers: each call costs ~4 us, per sample.
+    return torch.rand(count, generator=generator, dtype=torch.float64).tolist()
+
+
 def _rect_mask(height: int, width: int, top: int, left: int, hole_h: int, hole_w: int) -> Tensor:
     """A (1, H, W) mask with one solid rectangular hole."""
     mask = torch.ones(1, height, width)
@@ -81,11 +91,17 @@ def random_rect_mask(height: int, width: int, min_side: float, max_side: float,
         raise ValueError(f"need 0 < min_side <= max_side <= 1, got {min_side}, {max_side}")
     if max_extent is not None and max_extent < 1:
         raise ValueError(f"max_extent must be >= 1, got {max_extent}")
-    hole_h = _randint(generator, *_side_range(height, min_side, max_side, max_extent))
-    hole_w = _randint(generator, *_side_range(width, min_side, max_side, max_extent))
-    top = _randint(generator, 0, height - hole_h)
-    left = _randint(generator, 0, width - hole_w)
-    return _rect_mask(height, width, top, left, hole_h, hole_w)
+    return _rect_mask(height, width, *_draw_rect(height, width, min_side, max_side, max_extent,
+                                                 _draws(generator, 4)))
+
+
+def _draw_rect(height: int, width: int, min_side: float, max_side: float, max_extent: int | None,
+               draws: list[float]) -> tuple[int, int, int, int]:
+    """(top, left, hole_h, hole_w) of a random rectangle from four uniform draws."""
+    hole_h = _uniform_int(draws[0], *_side_range(height, min_side, max_side, max_extent))
+    hole_w = _uniform_int(draws[1], *_side_range(width, min_side, max_side, max_extent))
+    return (_uniform_int(draws[2], 0, height - hole_h), _uniform_int(draws[3], 0, width - hole_w),
+            hole_h, hole_w)
 
 
 def _reflect(value: float, low: float, high: float) -> tuple[float, bool]:
@@ -185,11 +201,13 @@ def hole_bbox(mask: Tensor) -> tuple[int, int, int, int]:
     return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
 
 
-def _patch_start(start: int, stop: int, size: int, patch: int,
-                 generator: torch.Generator | None) -> int:
-    """Patch start along one axis: covers [start, stop) if it fits, lies in [0, size)."""
-    if generator is not None:
-        return _randint(generator, max(0, stop - patch), min(start, size - patch))
+def _patch_start(start: int, stop: int, size: int, patch: int, draw: float | None) -> int:
+    """Patch start along one axis: covers [start, stop) if it fits, lies in [0, size).
+
+    With a uniform ``draw`` the start is uniform among the valid ones; without, centred.
+    """
+    if draw is not None:
+        return _uniform_int(draw, max(0, stop - patch), min(start, size - patch))
     # Centred on the hole; when the hole fits this already covers it, so only the image clamps.
     return min(max((start + stop - patch) // 2, 0), size - patch)
 
@@ -203,8 +221,9 @@ def _box(mask: Tensor, patch_size: int, generator: torch.Generator | None, requi
     top, left, bottom, right = hole_bbox(mask)
     if require_fit and max(bottom - top, right - left) > patch_size:
         raise ValueError(f"the {bottom - top}x{right - left} hole does not fit a {patch_size} px local patch")
-    return (_patch_start(top, bottom, height, patch_size, generator),
-            _patch_start(left, right, width, patch_size, generator))
+    draws = _draws(generator, 2) if generator is not None else (None, None)
+    return (_patch_start(top, bottom, height, patch_size, draws[0]),
+            _patch_start(left, right, width, patch_size, draws[1]))
 
 
 def local_box(mask: Tensor, patch_size: int, generator: torch.Generator | None = None) -> tuple[int, int]:
@@ -250,24 +269,37 @@ class MaskSampler:
                               f"({bottom - top} px) does not fit the {local_size} px local patch")
 
     def _hole(self, kind: str, generator: torch.Generator) -> Tensor:
+        """A centre or free-form hole (rectangles are drawn in ``sample`` with their box)."""
         size, cfg = self.image_size, self.cfg
         if kind == "center":
             return self._center.clone()
-        if kind == "random":
-            return random_rect_mask(size, size, cfg.min_side, cfg.max_side, generator, max_extent=self.local_size)
         return freeform_mask(size, size, generator, strokes=cfg.freeform_strokes,
                              max_width=cfg.freeform_max_width, max_extent=self.local_size)
 
     def sample(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """One mask (1, S, S) and its local box (2,) long, at a random valid position."""
+        mask = torch.empty(1, self.image_size, self.image_size)
+        return mask, torch.tensor(self.sample_into(mask, generator), dtype=torch.long)
+
+    def sample_into(self, out: Tensor, generator: torch.Generator) -> tuple[int, int]:
+        """Write one mask into ``out`` (1, S, S) in place (a loader's batch row); return its box."""
         kind = self.cfg.kind
         if kind == "mixed":
             kind = "random" if torch.rand((), generator=generator).item() < 0.5 else "freeform"
-        mask = self._hole(kind, generator)
         # A random patch position keeps the local discriminator from learning that holes sit
         # at the patch centre (GLCIC also draws the patch first and the hole inside it).
-        box = torch.tensor(local_box(mask, self.local_size, generator), dtype=torch.long)
-        return mask, box
+        if kind == "random":  # the bbox is known as drawn: no scan of the mask
+            size, cfg = self.image_size, self.cfg
+            draws = _draws(generator, 6)
+            top, left, hole_h, hole_w = _draw_rect(size, size, cfg.min_side, cfg.max_side, self.local_size,
+                                                   draws)
+            out.fill_(1.0)
+            out[:, top:top + hole_h, left:left + hole_w] = 0
+            return (_patch_start(top, top + hole_h, size, self.local_size, draws[4]),
+                    _patch_start(left, left + hole_w, size, self.local_size, draws[5]))
+        mask = self._hole(kind, generator)
+        out.copy_(mask)
+        return local_box(mask, self.local_size, generator)
 
     def batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """n masks (n, 1, S, S) and boxes (n, 2), each image with its own hole."""
