@@ -144,6 +144,22 @@ def _check_data(request: TrainRequest) -> None:
                         f"batch per worker ({needed}); lower data.batch_size or --workers")
 
 
+def _check_vgg_weights(request: TrainRequest) -> None:
+    """Fail before training when the contextual loss's VGG16 weights cannot be had."""
+    loss = request.config.loss
+    if loss.cx_weight == 0 or loss.vgg_weights == "random":
+        return
+    if loss.vgg_weights == "imagenet" and os.environ.get("RAY_ADDRESS"):
+        return  # cluster nodes fetch into their own cache; the driver may not reach the internet
+    from inpaint.vgg import VGGWeightsError, load_vgg16_state_dict
+
+    try:
+        # Locally this also fills the torch hub cache that the workers then read.
+        load_vgg16_state_dict(loss.vgg_weights)
+    except VGGWeightsError as exc:
+        raise UserError(str(exc)) from None
+
+
 def ensure_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS (as `ray job submit` sets it), or start a local Ray."""
     import ray
@@ -217,6 +233,7 @@ def build_trainer(request: TrainRequest):
 
 def run_training(request: TrainRequest) -> TrainSummary:
     _check_data(request)
+    _check_vgg_weights(request)
     try:
         storage.check_writable(request.run.run)
     except storage.StorageError as exc:

@@ -158,6 +158,7 @@ def stop_cluster(temp_dir: str) -> None:
     (["--set", "optim.nope=1"], "optim.nope: unknown field"),
     (["--workers", "0"], "--workers: expected N or MIN-MAX"),
     (["--workers", "3-2"], "--workers: expected N or MIN-MAX"),
+    (["--set", "loss.vgg_weights=/nonexistent/vgg16.pth"], "VGG16 weights file not found"),
 ])
 def test_mistakes_in_the_request_are_one_line_errors_with_exit_code_2(args, message, sample_dataset, tmp_path):
     result = run_train("--data", sample_dataset, "--storage", str(tmp_path), *args, timeout=120)
