@@ -11,6 +11,8 @@ Inputs are images in [0, 1], shifted to [-1, 1] like the generator's input.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -24,6 +26,13 @@ def _check_size(name: str, x: torch.Tensor, size: int) -> None:
         raise ValueError(f"{name}: expected {size}x{size} inputs (built for this size), got {height}x{width}")
 
 
+def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Turn autocast off inside; a no-op on devices without autocast (meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _Features(nn.Module):
     """Conv stack, flatten, FC-ReLU: the shared tail of the global and local discriminators."""
 
@@ -33,8 +42,13 @@ class _Features(nn.Module):
         self.fc = nn.Linear(out_channels * out_side * out_side, fc_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # ReLU after the FC keeps it from composing with the context head into one linear map.
-        return torch.relu(self.fc(self.convs(2 * x - 1).flatten(1)))
+        features = self.convs(2 * x - 1).flatten(1)
+        # The FC holds most of the weights (128 M of 156 M at 160 px) for a small product: under
+        # autocast, casting it to bf16 every forward (256 MB of copies) and its gradient back costs
+        # more than the fp32 product itself (benchmarks/RESULTS.md), so it stays fp32.
+        with _without_autocast(features.device.type):
+            # ReLU after the FC keeps it from composing with the context head into one linear map.
+            return torch.relu(self.fc(features.float()))
 
 
 class GlobalDiscriminator(nn.Module):
