@@ -60,6 +60,7 @@ from inpaint.losses import contextual_loss, contextual_loss_reference
 from inpaint.models import build_discriminator
 from inpaint.models import discriminator as discriminator_module
 from inpaint.trainer import SECTIONS, Trainer
+from inpaint.trainer import resolve_device as trainer_resolve_device
 
 PHASES = ("generator", "discriminator", "joint")
 SHARES = ("data", *SECTIONS, "other")
@@ -123,11 +124,10 @@ class Options:
 # ----------------------------------------------------------------------------- the machine
 def resolve_device(name: str) -> torch.device:
     """auto -> cuda if present; cuda without a GPU is a user mistake."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible")
-    return torch.device(name)
+    try:
+        return trainer_resolve_device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {name}: {exc}") from None
 
 
 def _cpu_info() -> dict[str, Any]:

@@ -40,14 +40,8 @@ from inpaint import evaluation as ev
 from inpaint.baselines import BaselineError
 from inpaint.config import Config, ConfigError, ModelConfig
 from inpaint.data import DataError, iter_split, load_index
-from inpaint.inference import (
-    Inpainter,
-    InpaintError,
-    checkpoint_urls,
-    fetch_checkpoint,
-    load_generator,
-    locate_checkpoint,
-)
+from inpaint.checkpoint import checkpoint_urls, locate_checkpoint
+from inpaint.inference import Inpainter, InpaintError, fetch_checkpoint, load_generator
 from inpaint.models import build_generator
 
 log = logging.getLogger("inpaint.evaluate")

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cluster import storage
 from cluster.tensorboard import RunWriter
-from inpaint.checkpoint import CheckpointError
+from inpaint.checkpoint import CheckpointError, checkpoint_urls
 from inpaint.config import Config
 from inpaint.data import make_train_loader
 from inpaint.phases import Phase
@@ -49,13 +49,6 @@ def _ddp_wrapper(device: torch.device, world_size: int):
     return lambda module: DistributedDataParallel(module, device_ids=device_ids)
 
 
-def _step_of(name: str) -> int:
-    try:
-        return int(name.rsplit("_", 1)[-1])
-    except ValueError:
-        return -1
-
-
 def restore_latest(trainer: Trainer, run: storage.RunPaths, registered: ray.train.Checkpoint | None, *,
                    announce: bool) -> None:
     """Load the newest complete checkpoint of the run, registered with Ray or not.
@@ -67,13 +60,9 @@ def restore_latest(trainer: Trainer, run: storage.RunPaths, registered: ray.trai
     and the next older one is tried.
     """
     registered_name = registered.path.rstrip("/").rsplit("/", 1)[-1] if registered is not None else None
-    candidates = sorted((url for url in storage.list_subdirs(run.run)
-                         if url.rsplit("/", 1)[-1].startswith("checkpoint_")),
-                        key=lambda url: _step_of(url.rsplit("/", 1)[-1]), reverse=True)
-    floor = _step_of(registered_name) if registered_name else -1
-    for url in candidates:
-        if _step_of(url.rsplit("/", 1)[-1]) <= floor:
-            break
+    for url, _ in reversed(checkpoint_urls(run.run)):  # newest step first
+        if url.rsplit("/", 1)[-1] == registered_name:
+            break  # from here on Ray's own record is as new; load it below
         try:
             with tempfile.TemporaryDirectory(prefix="inpaint-restore-") as scratch:
                 meta = trainer.load(storage.download_dir(url, scratch))

@@ -14,7 +14,8 @@ Everything loads without unpickling code: safetensors for weights and
 ``torch.load(weights_only=True)`` for the trainer state, so a checkpoint from someone else
 cannot run code on load.
 
-Storage and Ray are the caller's business (``cluster/`` moves these folders around).
+Finding checkpoints under a run folder works at any fsspec URL (local or ``s3://``); moving
+folders between storage and Ray is the caller's business (``cluster/``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -175,18 +177,32 @@ def load_checkpoint(directory: str | os.PathLike, *, weights_only: bool = False)
                               discriminator=discriminator, trainer=trainer)
 
 
-def list_checkpoints(run_directory: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint directories directly under a run folder, oldest step first."""
-    root = Path(run_directory)
-    if not root.is_dir():
+def checkpoint_urls(run_url: str) -> list[tuple[str, dict[str, Any]]]:
+    """(URL, meta) of each checkpoint with a meta.json directly under a run folder, oldest step first."""
+    fs, path = fsspec.core.url_to_fs(run_url)
+    if not fs.isdir(path):
         return []
     found = []
-    for child in root.iterdir():
-        if child.is_dir() and is_complete(child):
-            found.append((read_meta(child).get("step", -1), child.name, child))
-    return [path for _, _, path in sorted(found)]
+    for entry in fs.ls(path, detail=True):
+        if entry["type"] != "directory":
+            continue
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        try:
+            meta = json.loads(fs.cat_file(f"{entry['name'].rstrip('/')}/{META_FILE}"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue  # not a checkpoint (tensorboard/, evaluations/) or one still being written
+        found.append((meta.get("step", -1), name, f"{run_url.rstrip('/')}/{name}", meta))
+    return [(url, meta) for _, _, url, meta in sorted(found, key=lambda item: item[:2])]
 
 
-def latest_checkpoint(run_directory: str | os.PathLike) -> Path | None:
-    checkpoints = list_checkpoints(run_directory)
-    return checkpoints[-1] if checkpoints else None
+def locate_checkpoint(url: str) -> str:
+    """``url`` itself when it is a checkpoint, else the latest checkpoint of the run folder it names."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.isfile(f"{path}/{META_FILE}"):
+        return url
+    if not fs.isdir(path):
+        raise CheckpointError(f"{url}: no such checkpoint or run folder")
+    found = checkpoint_urls(url)
+    if not found:
+        raise CheckpointError(f"{url}: not a checkpoint, and holds no complete checkpoint_* folder")
+    return found[-1][0]

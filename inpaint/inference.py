@@ -24,7 +24,6 @@ are copied, to a temporary folder, and the generator is checked against meta.jso
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from PIL import Image
 from inpaint import checkpoint as ckpt
 from inpaint.config import Config
 from inpaint.models import Generator, build_generator
+from inpaint.trainer import resolve_device
 
 MULTIPLE = 4  # the generator downsamples twice
 MASK_THRESHOLD = 128  # grey level from which a PIL / PNG mask pixel counts as hole
@@ -51,37 +51,6 @@ class InpaintError(ValueError):
 
 def _is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
-
-
-def checkpoint_urls(run_url: str) -> list[tuple[str, dict[str, Any]]]:
-    """(URL, meta) of each checkpoint with a meta.json directly under a run folder, oldest step first."""
-    fs, path = fsspec.core.url_to_fs(run_url)
-    if not fs.isdir(path):
-        return []
-    found = []
-    for entry in fs.ls(path, detail=True):
-        if entry["type"] != "directory":
-            continue
-        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        try:
-            meta = json.loads(fs.cat_file(f"{entry['name'].rstrip('/')}/{ckpt.META_FILE}"))
-        except (FileNotFoundError, json.JSONDecodeError):
-            continue  # not a checkpoint (tensorboard/, evaluations/) or one still being written
-        found.append((meta.get("step", -1), name, f"{run_url.rstrip('/')}/{name}", meta))
-    return [(url, meta) for _, _, url, meta in sorted(found, key=lambda item: item[:2])]
-
-
-def locate_checkpoint(url: str) -> str:
-    """``url`` itself when it is a checkpoint, else the latest checkpoint of the run folder it names."""
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.isfile(f"{path}/{ckpt.META_FILE}"):
-        return url
-    if not fs.isdir(path):
-        raise ckpt.CheckpointError(f"{url}: no such checkpoint or run folder")
-    found = checkpoint_urls(url)
-    if not found:
-        raise ckpt.CheckpointError(f"{url}: not a checkpoint, and holds no complete checkpoint_* folder")
-    return found[-1][0]
 
 
 def fetch_checkpoint(url: str, directory: str | Path) -> Path:
@@ -104,12 +73,10 @@ def load_generator(directory: str | Path) -> ckpt.CheckpointContents:
 
 
 def _device(name: str | torch.device) -> torch.device:
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InpaintError("device cuda requested but no CUDA device is available")
-    return device
+    try:
+        return resolve_device(str(name))
+    except RuntimeError as exc:
+        raise InpaintError(str(exc)) from None
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:
@@ -185,7 +152,7 @@ class Inpainter:
         """Load the generator of a checkpoint folder, or of a run folder's latest checkpoint."""
         with tempfile.TemporaryDirectory(prefix="inpaint-ckpt-") as tmp:
             try:
-                local = fetch_checkpoint(locate_checkpoint(url), tmp)
+                local = fetch_checkpoint(ckpt.locate_checkpoint(url), tmp)
             except ckpt.CheckpointError:
                 raise
             except Exception as exc:  # any storage client error means the same to the user
