@@ -319,3 +319,21 @@ def test_cli_packs_the_sample_dataset_as_a_script(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "packed sample into" in result.stdout and "train" in result.stdout
     assert load_index(str(tmp_path / "sample")).split_size("train") > 0
+
+
+@pytest.mark.parametrize("to_s3", [False, pytest.param(True, marks=pytest.mark.s3)])
+def test_read_into_reuses_a_buffer_that_fits_and_never_truncates(tmp_path, s3_bucket, to_s3):
+    from inpaint.data.storage import MissingData, read_into
+
+    url = f"{s3_bucket}/blob" if to_s3 else str(tmp_path / "blob")
+    payload = bytes(range(256)) * 40
+    with fsspec.open(url, "wb") as file:
+        file.write(payload)
+    roomy = bytearray(len(payload) + 100)
+    buffer, size = read_into(url, roomy)
+    assert buffer is roomy and size == len(payload) and bytes(buffer[:size]) == payload
+    small = bytearray(10)
+    buffer, size = read_into(url, small)
+    assert buffer is not small and bytes(buffer[:size]) == payload
+    with pytest.raises(MissingData, match="not found"):
+        read_into(url + "-missing", roomy)

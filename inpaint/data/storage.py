@@ -109,6 +109,42 @@ def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
         raise DataError(f"cannot read {url}: {_reason(exc)}") from None
 
 
+def read_into(url: str, buffer: bytearray, storage_options: dict | None = None) -> tuple[bytearray, int]:
+    """The whole object at ``url`` in ``buffer`` if it is large enough, else in a new one:
+    (the buffer, the object's size).
+
+    For readers that go through many large objects, like shards: a reused buffer is memory
+    already mapped, where a new one page-faults on every 4 KiB (seen at ~15 us a CelebA sample;
+    mapping the file instead cost as much). Local files are read straight in, others' bytes
+    copied in once. Retries and errors as :func:`read_bytes`.
+    """
+    fs, path = filesystem(url, storage_options)
+
+    def fit(size: int) -> bytearray:
+        return buffer if len(buffer) >= size else bytearray(size)
+
+    if not is_local(fs):
+        data = read_bytes(url, storage_options)
+        target = fit(len(data))
+        target[:len(data)] = data
+        return target, len(data)
+
+    def read_local() -> tuple[bytearray, int]:
+        with open(path, "rb") as file:
+            target = fit(os.fstat(file.fileno()).st_size)
+            view, size = memoryview(target), 0
+            while count := file.readinto(view[size:]):
+                size += count
+            return target, size
+
+    try:
+        return with_retries(read_local, f"reading {url}")
+    except FileNotFoundError:
+        raise MissingData(f"{url}: not found") from None
+    except Exception as exc:
+        raise DataError(f"cannot read {url}: {_reason(exc)}") from None
+
+
 class Output:
     """A folder that receives files atomically: a file appears under its name only once complete.
 
