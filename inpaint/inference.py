@@ -184,7 +184,8 @@ class Inpainter:
         pad_h, pad_w = -height % MULTIPLE, -width % MULTIPLE
         # Reflection needs the pad to be smaller than the side; tiny images replicate instead.
         mode = "reflect" if min(height, width) > max(pad_h, pad_w) else "replicate"
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
+        # torch.tensor copies: a PIL image's array is read-only, which torch.from_numpy warns about.
+        pixels = torch.tensor(image).permute(2, 0, 1)[None].float() / 255
         known = torch.from_numpy(~hole)[None, None].float()
         pixels = F.pad(pixels, (0, pad_w, 0, pad_h), mode=mode)
         known = F.pad(known, (0, pad_w, 0, pad_h), mode=mode)
