@@ -290,3 +290,54 @@ def test_plan_replay_across_structures_uses_each_sample_at_most_once(samples, wo
     used += [int(i) for rank in shares for share in rank for i in share.samples]
     assert len(used) == len(set(used))
     assert samples - len(used) < world * batch
+
+
+def test_parse_shard_matches_tarfile_and_stops_at_any_damaged_header(dataset):
+    import io
+    import tarfile
+
+    path = next(Path(dataset).glob("train-*.tar"))
+    data = path.read_bytes()
+    parsed = parse_shard(data)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = tar.getmembers()
+    images = [m for m in members if not m.name.endswith(".json")]
+    assert parsed.error is None
+    assert [(f"{s.key}.{s.ext}", s.offset, s.size) for s in parsed.samples] == [
+        (m.name, m.offset_data, m.size) for m in images]
+    rng = np.random.default_rng(0)
+    for header in [m.offset for m in members]:
+        damaged = bytearray(data)
+        damaged[header + int(rng.integers(0, 500))] ^= 0x5A
+        result = parse_shard(bytes(damaged))
+        assert result.error is not None and "damaged" in result.error
+        assert all(s.offset < header for s in result.samples)  # nothing at or after the bad header
+    # The buffer may be larger than the shard (a reused one): only `size` bytes count.
+    assert parse_shard(data + bytes(4096), len(data)) == parsed
+
+
+def test_sample_draws_depend_on_seed_epoch_and_sample_only():
+    from inpaint.data.loader import SampleDraws
+
+    whole = SampleDraws.of_samples(3, 1, np.arange(10))
+    part = SampleDraws.of_samples(3, 1, np.array([7, 2]))
+    assert (part[0].crop, part[0].mask_uniforms, part[0].mask_seed) == (
+        whole[7].crop, whole[7].mask_uniforms, whole[7].mask_seed)
+    assert part[1].crop == whole[2].crop
+    assert SampleDraws.of_samples(3, 2, np.arange(1))[0].crop != whole[0].crop
+    assert SampleDraws.of_samples(4, 1, np.arange(1))[0].crop != whole[0].crop
+    many = np.array([d.mask_uniforms for d in SampleDraws.of_samples(0, 0, np.arange(20000))])
+    assert many.min() >= 0 and many.max() < 1 and abs(many.mean() - 0.5) < 0.01
+
+
+def test_the_decode_operator_matches_torchvision_decode_jpeg(dataset):
+    from inpaint.data.loader import decode
+
+    path = next(Path(dataset).glob("train-*.tar"))
+    data = path.read_bytes()
+    sample = parse_shard(data).samples[0]
+    jpeg = torch.frombuffer(bytearray(data[sample.offset:sample.offset + sample.size]), dtype=torch.uint8)
+    expected = decode_jpeg(jpeg)
+    assert torch.equal(decode(jpeg, True), expected) and torch.equal(decode(jpeg), expected)
+    with pytest.raises(ValueError):
+        decode(jpeg[:40].clone())

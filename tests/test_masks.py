@@ -1,11 +1,13 @@
 """Hole masks, local boxes and patch crops."""
 
+import numpy as np
 import pytest
 import torch
 
 from inpaint.config import ConfigError, MaskConfig
 from inpaint.masks import (
     EVALUATION_MASK_KINDS,
+    Draws,
     MaskSampler,
     center_mask,
     crop_local,
@@ -274,3 +276,28 @@ def test_evaluation_centre_hole_larger_than_tiny_patch_still_boxed_in_image():
 def test_evaluation_masks_rejects_unknown_kind():
     with pytest.raises(ValueError, match="center_1/4"):
         evaluation_masks("center_1/2", 4, 160, 96)
+
+
+@pytest.mark.parametrize("size, local", [(160, 96), (64, 48), (32, 16)])
+def test_sampler_rectangles_from_given_draws_match_random_rect_mask(size, local):
+    from inpaint.masks import _draw_rect
+
+    sampler = MaskSampler(MaskConfig(kind="random"), image_size=size, local_size=local)
+    rng = np.random.default_rng(size)
+    for _ in range(300):
+        uniforms = rng.random(6).tolist()
+        out = np.full((1, size, size), 7, dtype=np.uint8)  # a loader's uint8 row, dirty
+        box = sampler.sample_into(out, Draws(uniforms))
+        top, left, height, width = _draw_rect(size, size, 0.25, 0.5, local, uniforms)
+        expected = np.ones((1, size, size), dtype=np.uint8)
+        expected[:, top:top + height, left:left + width] = 0
+        assert np.array_equal(out, expected)
+        assert_box_holds_hole(torch.from_numpy(out).float(), torch.tensor(box), local)
+
+
+def test_draws_use_given_numbers_first_then_a_seeded_generator():
+    draws = Draws([0.25, 0.5], seed=9)
+    assert draws.uniforms(2) == [0.25, 0.5]
+    later = draws.uniforms(3)
+    assert later == Draws(seed=9).uniforms(3) and all(0 <= x < 1 for x in later)
+    assert Draws([0.1], seed=9).uniforms(2) == Draws(seed=9).uniforms(2)  # too few given: all from the generator

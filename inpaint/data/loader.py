@@ -2,17 +2,18 @@
 
 Each process (training rank or DataLoader worker) builds its own fsspec filesystem and reads
 whole shards (one GET each, with retries; the next shard downloads in a background thread while
-this one decodes). Samples are found by the offsets in their tar headers, decoded from the
-original bytes by ``torchvision.io.decode_image`` (PIL as the fallback), covered up to the
-image size if smaller, and cropped by slicing the uint8 tensor. Batches leave a worker as uint8
-images; the trainer converts them on its device.
+this one decodes) into two buffers it reuses. Samples are found by the offsets in their tar
+headers, decoded from the original bytes by torchvision's JPEG decoder (``decode_image`` for
+other formats, PIL as the last resort), covered up to the image size if smaller, and cropped
+straight into the batch. Batches leave a worker as uint8 images; the trainer converts them on
+its device. Where the time goes, and what each choice saved: ``benchmarks/loader.py``.
 
 Which samples a rank and worker read is in :mod:`inpaint.data.plan` (its docstring states the
 guarantees: disjoint shares, equal batch counts on every rank, a new reproducible order every
 epoch, exact mid-epoch resume, also across a change of world size or worker count).
 
 Randomness per sample: the crop and the mask come from a hash of (data seed, epoch, planned
-sample key) (:class:`SampleDraws`), so they are reproducible and do not depend on which worker or
+sample) (:class:`SampleDraws`), so they are reproducible and do not depend on which worker or
 run makes them.
 
 Damaged data: a sample that does not decode, or that a truncated or unreadable shard lacks, is
@@ -24,14 +25,12 @@ duplicate, and the choice is deterministic, so a resumed run makes the same batc
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import math
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -45,8 +44,8 @@ from inpaint.config import DataConfig, MaskConfig, ModelConfig
 from inpaint.data.index import DatasetIndex, ShardInfo, SplitInfo, load_index
 from inpaint.data.plan import Structure, WorkerShare, epoch_order, rank_shares, remaining_after
 from inpaint.data.shards import parse_shard
-from inpaint.data.storage import DataError, read_bytes
-from inpaint.masks import MaskSampler
+from inpaint.data.storage import DataError, read_into
+from inpaint.masks import Draws, MaskSampler
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +56,31 @@ STATE_VERSION = 1
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
+JPEG_MAGIC = b"\xff\xd8"
 
-JPEG_MAGIC = [0xFF, 0xD8]
 
-
-def decode(data: torch.Tensor) -> torch.Tensor:
-    """RGB uint8 (3, H, W) from encoded bytes (a uint8 tensor); raises ValueError if damaged."""
+def _jpeg_decoder():
+    """torchvision's decode_jpeg operator itself: its Python wrapper's deprecation check, usage
+    logging and argument handling cost ~30 us a call, a tenth of decoding a CelebA image."""
     try:
-        if data[:2].tolist() == JPEG_MAGIC:  # the usual case: decode_jpeg skips decode_image's sniffing
-            return decode_jpeg(data, mode=ImageReadMode.RGB)
+        operator = torch.ops.image.decode_jpeg
+    except (AttributeError, RuntimeError):  # a torchvision built without its image extension
+        return lambda data: decode_jpeg(data, mode=ImageReadMode.RGB)
+    rgb = ImageReadMode.RGB.value
+    return lambda data: operator(data, rgb, False)
+
+
+_decode_jpeg_rgb = _jpeg_decoder()
+
+
+def decode(data: torch.Tensor, jpeg: bool | None = None) -> torch.Tensor:
+    """RGB uint8 (3, H, W) from encoded bytes (a uint8 tensor); raises ValueError if damaged.
+
+    ``jpeg``: whether the bytes start with JPEG's marker, if the caller knows (None: look).
+    """
+    try:
+        if jpeg if jpeg is not None else data[:2].numpy().tobytes() == JPEG_MAGIC:
+            return _decode_jpeg_rgb(data)  # the usual case: decode_image would sniff the format again
         image = decode_image(data, mode=ImageReadMode.RGB)
         return image[0] if image.dim() == 4 else image  # an animated GIF: its first frame
     except RuntimeError:
@@ -93,43 +108,73 @@ def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     return image[:, top:top + size, left:left + size]
 
 
-@dataclass(frozen=True)
+_MASK_UNIFORMS = 8  # enough for every hole shape but strokes, which draw from a generator
+_WORDS = 2 + _MASK_UNIFORMS
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 arrays whose outputs look independent."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
 class SampleDraws:
-    """One sample's randomness in one epoch, from a hash of (data seed, epoch, key): the same in
-    every process and run. The crop takes two hash words directly (a torch draw costs ~2 us);
-    the mask sampler gets a generator seeded by the rest."""
+    """One sample's randomness in one epoch: crop offsets, the mask's first uniform draws, and a
+    seed for a generator if the mask needs more numbers (strokes)."""
 
-    crop: tuple[int, int]
-    mask_seed: int
+    __slots__ = ("crop", "mask_uniforms", "mask_seed")
 
-    @classmethod
-    def of(cls, seed: int, epoch: int, key: str) -> "SampleDraws":
-        digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=16).digest()
-        return cls((int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")),
-                   int.from_bytes(digest[8:], "little") >> 1)
+    def __init__(self, crop: tuple[int, int], mask_uniforms: list[float], mask_seed: int) -> None:
+        self.crop = crop
+        self.mask_uniforms = mask_uniforms
+        self.mask_seed = mask_seed
+
+    @staticmethod
+    def of_samples(seed: int, epoch: int, ids: np.ndarray) -> list["SampleDraws"]:
+        """The draws of samples ``ids`` (positions in the split) in ``epoch``: a counter-based
+        hash of (data seed, epoch, id, word), so the same in every process, worker and run.
+
+        Made in numpy for many samples at once: hashing each sample in Python cost ~10 us.
+        """
+        stream = _mix64(_mix64(np.array([seed % 2**64], dtype=np.uint64)) ^ np.uint64(epoch % 2**64))
+        counters = np.asarray(ids, dtype=np.uint64)[:, None] * np.uint64(_WORDS) + np.arange(_WORDS, dtype=np.uint64)
+        words = _mix64(stream + counters * np.uint64(0x9E3779B97F4A7C15))
+        crops = zip((words[:, 0] >> np.uint64(32)).tolist(), (words[:, 0] & np.uint64(0xFFFFFFFF)).tolist())
+        uniforms = ((words[:, 2:] >> np.uint64(11)) * 2.0 ** -53).tolist()  # 53 random bits in [0, 1)
+        return list(map(SampleDraws, crops, uniforms, (words[:, 1] >> np.uint64(1)).tolist()))
 
     def crop_box(self, height: int, width: int, size: int) -> tuple[int, int]:
         """(top, left) of a ``size`` square, uniform up to a 2^-32 modulo bias."""
         return self.crop[0] % (height - size + 1), self.crop[1] % (width - size + 1)
 
+    def mask_draws(self) -> Draws:
+        """The mask sampler's draws (a fresh stream each call)."""
+        return Draws(self.mask_uniforms, self.mask_seed)
+
 
 class _Shard:
-    """A shard's bytes in memory and its samples by key."""
+    """A shard's bytes in memory (in a buffer the reader reuses) and its samples by key."""
 
-    def __init__(self, info: ShardInfo, url: str, storage_options: dict | None) -> None:
+    def __init__(self, info: ShardInfo, url: str, storage_options: dict | None, buffer: bytearray) -> None:
+        """Read the shard at ``url`` into ``buffer``, or into a new one if it does not fit."""
         self.info = info
         try:
-            data = read_bytes(url, storage_options)
+            buffer, size = read_into(url, buffer, storage_options)
         except DataError as exc:
             log.warning("shard %s unreadable (%s); its samples are skipped", info.name, exc)
-            data = b""
-        parsed = parse_shard(data)
-        if data and parsed.error:
+            size = 0
+        parsed = parse_shard(buffer, size)
+        if size and parsed.error:
             log.warning("shard %s: %s; %d of %d samples readable, the rest are skipped", info.name,
                         parsed.error, len(parsed.samples), info.samples)
-        # bytearray: a writable buffer, so torch.frombuffer shares it without a warning.
-        self.data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
-        self.samples = {sample.key: sample for sample in parsed.samples}
+        self.buffer = buffer
+        self.data = (torch.frombuffer(buffer, dtype=torch.uint8, count=size) if size
+                     else torch.zeros(0, dtype=torch.uint8))
+        # key -> (start, stop, is JPEG): worked out here, in the background thread that reads.
+        self.samples = {sample.key: (sample.offset, sample.offset + sample.size,
+                                     buffer[sample.offset:sample.offset + 2] == JPEG_MAGIC)
+                        for sample in parsed.samples}
 
     def image(self, key: str, size: int) -> torch.Tensor | None:
         """The decoded image of ``key``, covered to ``size``; None (logged) when lost or damaged."""
@@ -138,11 +183,18 @@ class _Shard:
             if self.data.numel():
                 log.warning("skipped sample %s: missing from shard %s", key, self.info.name)
             return None
+        start, stop, jpeg = sample
         try:
-            return cover(decode(self.data[sample.offset:sample.offset + sample.size]), size)
+            image = decode(self.data[start:stop], jpeg)
         except ValueError as exc:
             log.warning("skipped sample %s in shard %s: cannot decode (%s)", key, self.info.name, exc)
             return None
+        return image if min(image.shape[1:]) >= size else cover(image, size)
+
+
+# Shard buffers between passes of a process's readers (list.pop/extend are atomic under the GIL).
+_SPARE_BUFFERS: list[bytearray] = []
+_SPARE_LIMIT = 2
 
 
 class _SplitReader:
@@ -155,24 +207,39 @@ class _SplitReader:
         self.keys = split.keys()
         self.shard_of = np.repeat(np.arange(len(split.shards)), [s.samples for s in split.shards])
 
-    def fetch(self, shard: int) -> _Shard:
+    def fetch(self, shard: int, buffer: bytearray) -> _Shard:
         info = self.split.shards[shard]
-        return _Shard(info, self.index.shard_url(info), self.storage_options)
+        return _Shard(info, self.index.shard_url(info), self.storage_options, buffer)
 
     def images(self, ids: np.ndarray, size: int) -> Iterator[tuple[str, torch.Tensor | None]]:
         """(key, image covered to ``size``, or None if lost) for each id in order; the next shard
-        downloads in the background meanwhile."""
+        downloads in the background meanwhile.
+
+        Two shard buffers take turns: the next shard is read into the one the shard before this
+        was in. Nothing yielded points into them (decoding copies). They come from, and go back
+        to, a spare pair kept for this process's next pass (the next epoch, in-process).
+        """
         if not len(ids):
             return
         shards = self.shard_of[ids]
         starts = [0, *np.flatnonzero(shards[1:] != shards[:-1]) + 1]
+        buffers = [_SPARE_BUFFERS.pop() if _SPARE_BUFFERS else bytearray() for _ in range(2)]
+        try:
+            yield from self._read_runs(ids, shards, starts, buffers, size)
+        finally:
+            _SPARE_BUFFERS.extend(buffers[:_SPARE_LIMIT - len(_SPARE_BUFFERS)])
+
+    def _read_runs(self, ids: np.ndarray, shards: np.ndarray, starts: list[int], buffers: list[bytearray],
+                   size: int) -> Iterator[tuple[str, torch.Tensor | None]]:
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self.fetch, int(shards[0]))
+            pending = pool.submit(self.fetch, int(shards[0]), buffers[0])
             for run, start in enumerate(starts):
                 shard = pending.result()
+                buffers[run % 2] = shard.buffer  # a larger one, if the shard did not fit
                 stop = starts[run + 1] if run + 1 < len(starts) else len(ids)
-                pending = pool.submit(self.fetch, int(shards[stop])) if stop < len(ids) else None
-                for sample in ids[start:stop]:
+                pending = (pool.submit(self.fetch, int(shards[stop]), buffers[(run + 1) % 2]) if stop < len(ids)
+                           else None)
+                for sample in ids[start:stop].tolist():
                     key = self.keys[sample]
                     yield key, shard.image(key, size)
 
@@ -203,7 +270,11 @@ class _Batch:
         # uint8 0/1: a quarter of float32's bytes to fill per sample and to pass between processes.
         self.mask = _batch_tensor((size, 1, image_size, image_size), torch.uint8)
         self.box = _batch_tensor((size, 2), torch.int64)
-        self.box_rows = self.box.numpy()  # same memory; numpy row writes cost ~1 us, torch's ~5
+        # numpy views of the same memory, written per sample: numpy's row writes cost a
+        # quarter of torch's. Images as (B, S, S, 3): channels-last is NHWC in memory.
+        self.image_rows = self.image.permute(0, 2, 3, 1).numpy()
+        self.mask_rows = self.mask.numpy()
+        self.box_rows = self.box.numpy()
         self.keys: list[str | None] = [None] * size
         self.planned: list[str] = []
         self.filled = 0
@@ -219,6 +290,9 @@ class _Batch:
                 "skipped": lost}
 
 
+_DRAWS_CHUNK = 1024  # samples whose draws are made at once
+
+
 class _EpochShare(IterableDataset):
     """One rank's batches for (the rest of) one epoch; each DataLoader worker makes its own share."""
 
@@ -232,7 +306,6 @@ class _EpochShare(IterableDataset):
         self.batch_size = batch_size
         self.image_size = image_size
         self.sampler = sampler
-        self.generator = torch.Generator()  # reseeded for every sample's mask
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -243,27 +316,36 @@ class _EpochShare(IterableDataset):
 
     def _fill(self, batch: _Batch, row: int, draws: SampleDraws, key: str, image: torch.Tensor) -> None:
         size = self.image_size
-        top, left = draws.crop_box(image.shape[1], image.shape[2], size)
-        batch.image[row] = image[:, top:top + size, left:left + size]
-        batch.box_rows[row] = self.sampler.sample_into(batch.mask[row], self.generator.manual_seed(draws.mask_seed))
+        pixels = image.numpy().transpose(1, 2, 0)  # (H, W, 3), the decoders' memory order; numpy's
+        # transpose costs a tenth of torch's permute
+        top, left = draws.crop_box(pixels.shape[0], pixels.shape[1], size)
+        batch.image_rows[row] = pixels[top:top + size, left:left + size]
+        batch.box_rows[row] = self.sampler.sample_into(batch.mask_rows[row], draws.mask_draws())
         batch.keys[row] = key
         batch.filled += 1
 
     def _batches(self, share: WorkerShare) -> Iterator[dict]:
-        batches: deque[_Batch] = deque()
+        batch_size, epoch = self.batch_size, self.epoch
+        ids = share.samples[share.done * batch_size:]
+        batches: deque[_Batch] = deque()  # more than one only while a lost sample awaits its replacement
         waiting: list[tuple[_Batch, int, SampleDraws]] = []  # rows whose sample was lost
-        for planned, image in self.reader.images(share.samples[share.done * self.batch_size:], self.image_size):
-            if not batches or len(batches[-1].planned) == self.batch_size:
-                batches.append(_Batch(self.batch_size, self.image_size, self.epoch))
+        for position, (planned, image) in enumerate(self.reader.images(ids, self.image_size)):
+            if position % _DRAWS_CHUNK == 0:
+                chunk = SampleDraws.of_samples(self.seed, epoch, ids[position:position + _DRAWS_CHUNK])
+            if not batches or len(batches[-1].planned) == batch_size:
+                batches.append(_Batch(batch_size, self.image_size, epoch))
             batch = batches[-1]
+            row = len(batch.planned)
             batch.planned.append(planned)
-            row = (batch, len(batch.planned) - 1, SampleDraws.of(self.seed, self.epoch, planned))
+            draws = chunk[position % _DRAWS_CHUNK]
             if image is None:
-                waiting.append(row)
+                waiting.append((batch, row, draws))
                 continue
-            for lost in (*waiting, row):
-                self._fill(*lost, planned, image)
-            waiting.clear()
+            if waiting:
+                for lost in waiting:
+                    self._fill(*lost, planned, image)
+                waiting.clear()
+            self._fill(batch, row, draws, planned, image)
             while batches and batches[0].complete:
                 yield batches.popleft().as_dict()
         if waiting:
@@ -289,7 +371,8 @@ class TrainLoader:
     0 = hole, ``box`` int64 (B, 2) (top, left) of the local patch, ``key`` list[str] and
     ``epoch`` int. ``batches_per_epoch`` (a full epoch's) is the same on every rank; an epoch
     resumed mid-way yields the batches it has left, also the same number on every rank. Build it with
-    :func:`make_train_loader`; ``sampler`` is anything with ``sample_into(mask_row, generator) -> (top, left)``.
+    :func:`make_train_loader`; ``sampler`` is anything with ``sample_into(mask_row, draws) -> (top, left)``
+    that writes a numpy (1, S, S) row (see :class:`~inpaint.masks.MaskSampler`).
     """
 
     def __init__(self, index: DatasetIndex, data_cfg: DataConfig, image_size: int, sampler: Any,
