@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,17 @@ def test_projection_scales_the_measured_step_time_to_the_paper_schedule():
     assert out["devices"]["1"]["hours"] == pytest.approx(hours)
     assert out["devices"]["8"]["hours"] == pytest.approx(hours / (8 * 0.8))
     assert out["devices"]["8"]["cost"] == pytest.approx(hours / 0.8 * 2.0)
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch, then a few small passes
+def test_loader_benchmark_prints_every_rate_and_the_ratios():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader.py"), "--images", "160",
+                             "--shard-size", "40", "--repeats", "2"], capture_output=True, text=True, timeout=300,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    rates = {re.split(r"\s{2,}", line.strip())[0]: float(line.split()[-4]) for line in result.stdout.splitlines()
+             if "samples/s/core" in line}
+    assert set(rates) == {"PIL decode", "torchvision decode_jpeg", "its operator, no Python wrapper",
+                          "mask sampler alone", "loader", "loader with a fixed mask"}, result.stdout
+    assert all(rate > 0 for rate in rates.values())
+    assert "median" in result.stdout and "(target >= 80%)" in result.stdout
