@@ -98,15 +98,20 @@ def with_retries(action: Callable[[], T], what: str, attempts: int = READ_ATTEMP
     raise AssertionError("unreachable")
 
 
-def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
-    """The whole object at ``url``, with retries; DataError when it is missing or unreachable."""
-    fs, path = filesystem(url, storage_options)
+def _reading(url: str, read: Callable[[], T]) -> T:
+    """``read()`` of the object at ``url``, with retries; DataError when it is missing or unreachable."""
     try:
-        return with_retries(lambda: fs.cat_file(path), f"reading {url}")
+        return with_retries(read, f"reading {url}")
     except FileNotFoundError:
         raise MissingData(f"{url}: not found") from None
     except Exception as exc:
         raise DataError(f"cannot read {url}: {_reason(exc)}") from None
+
+
+def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
+    """The whole object at ``url``, with retries; DataError when it is missing or unreachable."""
+    fs, path = filesystem(url, storage_options)
+    return _reading(url, lambda: fs.cat_file(path))
 
 
 def read_into(url: str, buffer: bytearray, storage_options: dict | None = None) -> tuple[bytearray, int]:
@@ -123,13 +128,12 @@ def read_into(url: str, buffer: bytearray, storage_options: dict | None = None) 
     def fit(size: int) -> bytearray:
         return buffer if len(buffer) >= size else bytearray(size)
 
-    if not is_local(fs):
-        data = read_bytes(url, storage_options)
-        target = fit(len(data))
-        target[:len(data)] = data
-        return target, len(data)
-
-    def read_local() -> tuple[bytearray, int]:
+    def read() -> tuple[bytearray, int]:
+        if not is_local(fs):
+            data = fs.cat_file(path)
+            target = fit(len(data))
+            target[:len(data)] = data
+            return target, len(data)
         with open(path, "rb") as file:
             target = fit(os.fstat(file.fileno()).st_size)
             view, size = memoryview(target), 0
@@ -137,12 +141,7 @@ def read_into(url: str, buffer: bytearray, storage_options: dict | None = None) 
                 size += count
             return target, size
 
-    try:
-        return with_retries(read_local, f"reading {url}")
-    except FileNotFoundError:
-        raise MissingData(f"{url}: not found") from None
-    except Exception as exc:
-        raise DataError(f"cannot read {url}: {_reason(exc)}") from None
+    return _reading(url, read)
 
 
 class Output:
