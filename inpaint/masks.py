@@ -1,10 +1,11 @@
 """Hole masks and the local patch that contains each hole.
 
-A mask is a float32 tensor ``(1, H, W)``: 1 on known pixels, 0 in the hole. Every mask comes
-with a local box ``(top, left)`` of a ``local_size`` square that contains the whole hole; the
-local discriminator sees that patch. Holes are drawn per image, and all randomness comes from
-an explicit ``torch.Generator`` so a data loader can make the same masks for the same sample.
-Everything is pure torch on small CPU tensors: masks are made per sample in loader workers.
+A mask is a float32 tensor ``(1, H, W)``: 1 on known pixels, 0 in the hole (a loader's
+uint8 batch row takes the same values). Every mask comes with a local box ``(top, left)`` of a
+``local_size`` square that contains the whole hole; the local discriminator sees that patch.
+Holes are drawn per image, and all randomness comes from an explicit ``torch.Generator`` or
+:class:`Draws`, so a data loader can make the same masks for the same sample. Masks are made
+per sample in loader workers, on small CPU arrays: torch, and numpy where per-call cost shows.
 """
 
 from __future__ import annotations
@@ -129,15 +130,18 @@ def random_rect_mask(height: int, width: int, min_side: float, max_side: float,
         raise ValueError(f"need 0 < min_side <= max_side <= 1, got {min_side}, {max_side}")
     if max_extent is not None and max_extent < 1:
         raise ValueError(f"max_extent must be >= 1, got {max_extent}")
-    return _rect_mask(height, width, *_draw_rect(height, width, min_side, max_side, max_extent,
+    return _rect_mask(height, width, *_draw_rect(height, width,
+                                                 _side_range(height, min_side, max_side, max_extent),
+                                                 _side_range(width, min_side, max_side, max_extent),
                                                  _draws(generator, 4)))
 
 
-def _draw_rect(height: int, width: int, min_side: float, max_side: float, max_extent: int | None,
-               draws: list[float]) -> tuple[int, int, int, int]:
-    """(top, left, hole_h, hole_w) of a random rectangle from four uniform draws."""
-    hole_h = _uniform_int(draws[0], *_side_range(height, min_side, max_side, max_extent))
-    hole_w = _uniform_int(draws[1], *_side_range(width, min_side, max_side, max_extent))
+def _draw_rect(height: int, width: int, sides_h: tuple[int, int], sides_w: tuple[int, int],
+               draws: Sequence[float]) -> tuple[int, int, int, int]:
+    """(top, left, hole_h, hole_w) of a random rectangle with sides in the inclusive pixel
+    ranges ``sides_h`` and ``sides_w`` (from :func:`_side_range`), from four uniform draws."""
+    hole_h = _uniform_int(draws[0], *sides_h)
+    hole_w = _uniform_int(draws[1], *sides_w)
     return (_uniform_int(draws[2], 0, height - hole_h), _uniform_int(draws[3], 0, width - hole_w),
             hole_h, hole_w)
 
@@ -335,12 +339,7 @@ class MaskSampler:
         if kind == "random":  # the bbox is known as drawn: no scan of the mask
             size, patch = self.image_size, self.local_size
             u = draws.uniforms(6)
-            # _draw_rect and _patch_start for a square image, inlined: this runs for every sample.
-            low, high = self._rect_sides
-            hole_h = low + min(int(u[0] * (high - low + 1)), high - low)
-            hole_w = low + min(int(u[1] * (high - low + 1)), high - low)
-            top = min(int(u[2] * (size - hole_h + 1)), size - hole_h)
-            left = min(int(u[3] * (size - hole_w + 1)), size - hole_w)
+            top, left, hole_h, hole_w = _draw_rect(size, size, self._rect_sides, self._rect_sides, u)
             out.fill(1)
             out[:, top:top + hole_h, left:left + hole_w] = 0
             return (_patch_start(top, top + hole_h, size, patch, u[4]),

@@ -280,7 +280,7 @@ def test_evaluation_masks_rejects_unknown_kind():
 
 @pytest.mark.parametrize("size, local", [(160, 96), (64, 48), (32, 16)])
 def test_sampler_rectangles_from_given_draws_match_random_rect_mask(size, local):
-    from inpaint.masks import _draw_rect
+    from inpaint.masks import _draw_rect, _side_range
 
     sampler = MaskSampler(MaskConfig(kind="random"), image_size=size, local_size=local)
     rng = np.random.default_rng(size)
@@ -288,7 +288,8 @@ def test_sampler_rectangles_from_given_draws_match_random_rect_mask(size, local)
         uniforms = rng.random(6).tolist()
         out = np.full((1, size, size), 7, dtype=np.uint8)  # a loader's uint8 row, dirty
         box = sampler.sample_into(out, Draws(uniforms))
-        top, left, height, width = _draw_rect(size, size, 0.25, 0.5, local, uniforms)
+        sides = _side_range(size, 0.25, 0.5, local)
+        top, left, height, width = _draw_rect(size, size, sides, sides, uniforms)
         expected = np.ones((1, size, size), dtype=np.uint8)
         expected[:, top:top + height, left:left + width] = 0
         assert np.array_equal(out, expected)
