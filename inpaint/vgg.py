@@ -13,11 +13,13 @@ state dicts load unchanged, and stops after the deepest requested layer.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+from pathlib import Path
 
 import fsspec
 import torch
-import torchvision
 from torch import Tensor, nn
 
 from inpaint.config import VGG_LAYERS
@@ -29,6 +31,12 @@ VGG_LAYER_INDEX = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22, "re
 _VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's VGG16_Weights.IMAGENET1K_V1 file, with its published SHA-256 and size. torchvision's own
+# loader unpickles the torch hub cache without any check, so a file planted there ran its code; this
+# module reads it only after checking the full hash, and then only as tensors (weights_only=True).
+IMAGENET_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+IMAGENET_SHA256 = "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0"
+IMAGENET_BYTES = 553_433_881
 _HOW_TO_PROVIDE = ("pass a torchvision VGG16 state dict with --set loss.vgg_weights=/path/or/s3://.../vgg16.pth, "
                    "or --set loss.vgg_weights=random for tests")
 
@@ -77,13 +85,59 @@ def _features_only(state: object, source: str) -> dict[str, Tensor]:
     return features
 
 
+def imagenet_cache_path() -> Path:
+    """Where the ImageNet weights are cached: the torch hub cache ($TORCH_HOME/hub/checkpoints)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_URL.rsplit("/", 1)[1]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_imagenet_file(path: Path) -> None:
+    """Raise unless ``path`` is byte for byte the published file (size first: cheap, then SHA-256)."""
+    size = path.stat().st_size
+    digest = _sha256(path) if size == IMAGENET_BYTES else None
+    if digest != IMAGENET_SHA256:
+        found = f"SHA-256 {digest[:16]}..." if digest else f"{size} bytes"
+        raise VGGWeightsError(f"{path} is not torchvision's ImageNet VGG16 file ({found}, expected SHA-256 "
+                              f"{IMAGENET_SHA256[:16]}... of {IMAGENET_BYTES} bytes); it was not loaded. "
+                              f"Delete it to download again, or {_HOW_TO_PROVIDE}")
+
+
 def _download_imagenet() -> dict[str, Tensor]:
-    """torchvision's ImageNet VGG16 weights, from the torch hub cache or the network."""
+    """torchvision's ImageNet VGG16 weights from the torch hub cache (downloaded there first if absent).
+
+    The file is loaded only when its full SHA-256 matches the published one, and then with
+    ``weights_only=True``: neither a file planted in the cache nor a tampered download runs code.
+    """
+    path = imagenet_cache_path()
     try:
-        return torchvision.models.VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
-    except Exception as error:  # network, proxy, disk and hash errors all mean "not available here"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+            try:
+                torch.hub.download_url_to_file(IMAGENET_URL, str(partial), progress=True)
+                _check_imagenet_file(partial)
+                os.replace(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
+        else:
+            _check_imagenet_file(path)
+    except VGGWeightsError:
+        raise
+    except Exception as error:  # network, proxy and disk errors all mean "not available here"
         reason = " ".join(str(error).split()) or type(error).__name__
         raise VGGWeightsError(f"cannot download the ImageNet VGG16 weights ({reason}); {_HOW_TO_PROVIDE}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = " ".join(str(error).split())[:200]
+        raise VGGWeightsError(f"{path}: not a readable VGG16 state dict ({reason})") from None
 
 
 def _read_file(spec: str) -> object:

@@ -311,11 +311,12 @@ def test_wrong_shapes_and_keys_are_rejected(torchvision_vgg16, tmp_path):
         load_vgg16_state_dict(str(tmp_path / "tensor.pth"))
 
 
-def test_imagenet_download_failure_says_how_to_provide_a_file(monkeypatch):
+def test_imagenet_download_failure_says_how_to_provide_a_file(monkeypatch, tmp_path):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no route to host")
 
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: the weights must be downloaded
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(VGGWeightsError, match=r"ImageNet.*no route to host.*--set loss.vgg_weights=.*random") as info:
         load_vgg16_state_dict("imagenet")
     assert "\n" not in str(info.value)
