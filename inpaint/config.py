@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,59 @@ def _one_of(value: str, choices: tuple[str, ...], field_name: str) -> None:
     _check(value in choices, field_name, f"must be one of {', '.join(choices)}, got {value!r}")
 
 
+# Integers beyond this are typos (1e30 steps, seeds, widths); floats must be finite. Every numeric
+# field is held to both, on top of its own range, whether it came from --set, JSON or Python.
+MAX_INT = 10**12
+
+
+def _in_range(value: Any, low: float, high: float, field_name: str) -> None:
+    """``low <= value <= high`` (and finite), or a one-line error naming the range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    bounds = ", ".join(str(b) if isinstance(b, int) else f"{b:g}" for b in (low, high))
+    _check(ok and low <= value <= high, field_name, f"must be in [{bounds}], got {value!r}")
+
+
+# Upper (and lower) bounds beyond each section's own checks: values past these are typos or would
+# exhaust memory or numerics long before they did anything useful. Checked by Config.__post_init__.
+_SEED_RANGE = (0, 2**32 - 1)
+_STEPS_RANGE = (0, 10**10)
+RANGES: dict[str, tuple[float, float]] = {
+    "model.image_size": (16, 2048), "model.local_size": (8, 2048), "model.gen_width": (1, 1024),
+    "model.disc_width": (1, 1024), "model.fc_features": (1, 65536), "model.se_reduction": (1, 1024),
+    "model.dilations": (1, 1024),
+    "loss.adv_weight": (0, 1e6), "loss.cx_weight": (0, 1e6), "loss.hole_weight": (0, 1e6),
+    "loss.cx_band_width": (0, 1e6), "loss.cx_eps": (0, 1), "loss.cx_chunk": (1, 65536),
+    "mask.freeform_strokes": (1, 1000),
+    "optim.g_lr": (0, 1), "optim.d_lr": (0, 1), "optim.weight_decay": (0, 1), "optim.grad_clip": (0, 1e9),
+    "schedule.generator_steps": _STEPS_RANGE, "schedule.discriminator_steps": _STEPS_RANGE,
+    "schedule.joint_steps": _STEPS_RANGE, "schedule.reference_batch": (1, 65536),
+    "data.batch_size": (1, 65536), "data.num_workers": (0, 256), "data.seed": _SEED_RANGE,
+    "runtime.seed": _SEED_RANGE,
+    "checkpoint.every_steps": (1, 10**10), "checkpoint.keep_last": (1, 10000),
+    "log.every_steps": (1, 10**10), "log.image_every_steps": (1, 10**10), "log.image_count": (1, 256),
+}
+
+
+def _check_numbers(section: Any, prefix: str) -> None:
+    """Every int/float field of a section is finite, within +-MAX_INT and within its RANGES entry."""
+    for item in dataclasses.fields(section):
+        name = f"{prefix}.{item.name}"
+        values = getattr(section, item.name)
+        for value in values if isinstance(values, tuple) else (values,):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            _check(math.isfinite(value) and abs(value) <= MAX_INT, name,
+                   f"must be a finite number within +-{MAX_INT:.0e}, got {value!r}")
+            if name in RANGES:
+                _in_range(value, *RANGES[name], name)
+
+
 BLOCK_KINDS = ("se_res", "res", "conv")
+# paper: the SE-ResNet paper's networks (``block`` picks their blocks); glcic: Iizuka et al.'s networks
+# as GLCIC-PyTorch builds them for CelebA (five 5x5 stride-2 convs in each discriminator);
+# glcic_places2: the same with the sixth global conv of Iizuka et al.'s paper (GLCIC-PyTorch's --arc places2).
+ARCHS = ("paper", "glcic", "glcic_places2")
+OPTIMIZERS = ("adam", "adadelta")
 MASK_KINDS = ("random", "center", "freeform", "mixed")
 REC_MASKINGS = ("full", "hole", "weighted")
 PHASE_UNITS = ("iterations", "samples")
@@ -49,9 +102,22 @@ class ModelConfig:
     block: str = "se_res"  # se_res (paper), res (no SE), conv (plain strided conv, GLCIC)
     se_reduction: int = 16
     dilations: tuple[int, ...] = (2, 4, 8, 16)
+    arch: str = "paper"  # paper, glcic, glcic_places2 (see ARCHS)
+    # Stride of the last two layers of each discriminator. The paper says they keep the channel count
+    # and does not state their stride: 1 reads it as keeping the size too (README, "Discriminator
+    # stride"); 2 halves the size in every layer, as GLCIC does (arch=glcic* needs 2).
+    disc_tail_stride: int = 1
 
     def __post_init__(self) -> None:
         self.dilations = tuple(int(d) for d in self.dilations)
+        _one_of(self.arch, ARCHS, "model.arch")
+        _check(self.disc_tail_stride in (1, 2), "model.disc_tail_stride",
+               f"must be 1 or 2, got {self.disc_tail_stride!r}")
+        if self.arch != "paper":
+            _check(self.block == "conv", "model.block",
+                   f"arch={self.arch} builds plain convolutions: set model.block=conv, got {self.block!r}")
+            _check(self.disc_tail_stride == 2, "model.disc_tail_stride",
+                   f"arch={self.arch} strides 2 in every discriminator layer: set 2, got {self.disc_tail_stride}")
         _check(self.image_size >= 16 and self.image_size % 16 == 0, "model.image_size",
                f"must be a multiple of 16 and >= 16, got {self.image_size}")
         _check(self.local_size >= 8 and self.local_size % 8 == 0, "model.local_size",
@@ -116,7 +182,11 @@ class MaskConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam for both networks."""
+    """The optimizer of both networks: Adam (the paper) or Adadelta (GLCIC).
+
+    With ``name=adadelta`` the learning rates scale Adadelta's step (torch's and GLCIC's default is
+    1.0), its decay rate is torch's rho = 0.9, and beta1/beta2 are unused.
+    """
 
     g_lr: float = 2e-4
     d_lr: float = 2e-4
@@ -124,8 +194,10 @@ class OptimConfig:
     beta2: float = 0.999
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # 0 = off
+    name: str = "adam"  # adam or adadelta
 
     def __post_init__(self) -> None:
+        _one_of(self.name, OPTIMIZERS, "optim.name")
         _check(self.g_lr > 0, "optim.g_lr", f"must be > 0, got {self.g_lr}")
         _check(self.d_lr > 0, "optim.d_lr", f"must be > 0, got {self.d_lr}")
         _check(0 <= self.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {self.beta1}")
@@ -228,6 +300,9 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            if dataclasses.is_dataclass(getattr(self, item.name)):
+                _check_numbers(getattr(self, item.name), item.name)
         # A hole larger than the local patch could not be seen whole by the local discriminator.
         _check(self.mask.max_side * self.model.image_size <= self.model.local_size, "mask.max_side",
                f"a {self.mask.max_side} x {self.model.image_size} px hole does not fit the "
@@ -301,20 +376,32 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             return False
         raise ConfigError(f"{name}: expected true or false, got {value!r}")
     if hint is int:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        text = str(value).replace("_", "").strip()
         try:
-            as_float = float(str(value).replace("_", ""))
+            number = int(text)
         except ValueError:
-            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
-        if as_float != int(as_float):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        return int(as_float)
+            try:
+                as_float = float(text)  # "1e3", "2.0"
+            except ValueError:
+                raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+            if not math.isfinite(as_float) or as_float != int(as_float):
+                raise ConfigError(f"{name}: expected an integer, got {value!r}")
+            number = int(as_float)
+        if abs(number) > MAX_INT:
+            raise ConfigError(f"{name}: {value!r} is out of range (|value| <= {MAX_INT:.0e})")
+        return number
     if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        return number
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
