@@ -22,7 +22,9 @@ checkpoint's image size and fills best at a similar scale."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="inpaint", description=__doc__,
+    from inpaint.cli import OneLineParser
+
+    parser = OneLineParser(prog="inpaint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     fill = commands.add_parser("fill", description=FILL_HELP, help="fill holes in your own images",

@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
+from inpaint.cli import OneLineParser, positive_float, positive_int, seed_int  # noqa: E402  (light: no torch)
+
 
 def num_images(text: str) -> int | None:
     """A positive count, or ``all`` (None)."""
@@ -33,7 +35,7 @@ def num_images(text: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint); local or s3://")
     what.add_argument("--watch", metavar="RUN_URL", help="evaluate every checkpoint of this run not evaluated yet")
@@ -41,16 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="output folder URL (default: RUN/evaluations/<checkpoint name>)")
     parser.add_argument("--num-images", type=num_images, default=128, metavar="N|all",
                         help="test images drawn with --seed (default: 128, the paper's); 'all' = the whole split")
-    parser.add_argument("--seed", type=int, default=0, help="draws the images and the random holes (default: 0)")
-    parser.add_argument("--workers", type=int, default=1,
+    parser.add_argument("--seed", type=seed_int, default=0, help="draws the images and the random holes (default: 0)")
+    parser.add_argument("--workers", type=positive_int, default=1,
                         help="Ray tasks in parallel when there are more than 2000 images (default: 1)")
     parser.add_argument("--baseline", choices=("telea", "biharmonic"),
                         help="evaluate a classical method instead (sizes, data, run folder from --checkpoint if given)")
     parser.add_argument("--split", help="dataset split (default: the config's data.eval_split, i.e. test)")
-    parser.add_argument("--interval", type=float, metavar="SECONDS",
+    parser.add_argument("--interval", type=positive_float, metavar="SECONDS",
                         help="with --watch: keep polling at this interval until the run is done")
-    parser.add_argument("--max-polls", type=int, metavar="N", help="with --watch --interval: stop after N polls")
-    parser.add_argument("--claim-timeout", type=float, default=7200.0, metavar="SECONDS",
+    parser.add_argument("--max-polls", type=positive_int, metavar="N", help="with --watch --interval: stop after N polls")
+    parser.add_argument("--claim-timeout", type=positive_float, default=7200.0, metavar="SECONDS",
                         help="with --watch: a claim older than this is a crashed evaluator's and is taken over")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",

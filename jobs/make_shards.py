@@ -19,25 +19,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
+from inpaint.cli import OneLineParser, fraction, positive_int, seed_int  # noqa: E402  (light: no torch)
+
 DATASETS = ("celeba", "lfw", "folder", "sample")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"error: {message}\n")  # one line, no usage dump
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="source layout")
     parser.add_argument("--source", default=None, help="folder or archive as published (not for sample)")
     parser.add_argument("--output", required=True, help="dataset folder URL: local path or s3://bucket/prefix")
     parser.add_argument("--split", default=None,
                         help="celeba: official (default) | paper; lfw: official (default) | person; others: random")
-    parser.add_argument("--shard-size", type=int, default=None,
+    parser.add_argument("--shard-size", type=positive_int, default=None,
                         help="images per shard (default: 1000; 32 for sample)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffles and random splits")
-    parser.add_argument("--test-fraction", type=float, default=0.1, help="test share of folder and sample splits")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the shuffles and random splits")
+    parser.add_argument("--test-fraction", type=fraction, default=0.1, help="test share of folder and sample splits")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="fsspec option for --output, e.g. endpoint_url=http://minio:9000 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

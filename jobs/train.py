@@ -15,12 +15,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
+from inpaint.cli import OneLineParser, non_negative_float, positive_float  # noqa: E402  (light: no torch)
+
 DEFAULT_DATA = "data/sample"
 DEFAULT_STORAGE = "runs"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="debug", help="celeba | lfw | glcic | debug (default: debug)")
     parser.add_argument("--data", default=None,
                         help=f"dataset folder URL with index.json (default: the built-in sample, packed to {DEFAULT_DATA})")
@@ -34,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config field, e.g. --set optim.g_lr=1e-4 (repeatable)")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra fsspec option for the data URL, e.g. endpoint_url=http://minio:9000")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker reserves")
-    parser.add_argument("--resource-timeout", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--cpus-per-worker", type=positive_float, default=1.0, help="CPUs each worker reserves")
+    parser.add_argument("--resource-timeout", type=non_negative_float, default=None, metavar="SECONDS",
                         help="how long to wait for the cluster to fit the workers (default: 0 locally, "
                              "600 on a cluster, so an autoscaler can add nodes)")
     return parser
