@@ -160,6 +160,83 @@ def _check_vgg_weights(request: TrainRequest) -> None:
         raise UserError(str(exc)) from None
 
 
+# Fields a resumed run may change: where data is read from and how fast, how often it logs and
+# checkpoints, the device and its numerics, and the length of the last (joint) phase. Anything
+# else (the model, losses, masks, optimizer, the earlier phases, batch size, seeds) would make the
+# checkpoint mean something else, or not load at all.
+RESUMABLE_FIELDS = ("data.url", "data.num_workers", "checkpoint.*", "log.*", "runtime.device", "runtime.bf16",
+                    "runtime.channels_last", "runtime.compile", "schedule.joint_steps")
+
+
+def _flat(document: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in document.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def _resumable(name: str) -> bool:
+    return any(name == item or (item.endswith(".*") and name.startswith(item[:-1])) for item in RESUMABLE_FIELDS)
+
+
+def config_changes(old: Config, new: Config) -> list[str]:
+    """``field: old -> new`` for each field that differs and may not change when a run resumes."""
+    before, after = _flat(old.to_dict()), _flat(new.to_dict())
+    return [f"{name}: {before.get(name)!r} -> {after.get(name)!r}" for name in sorted(set(before) | set(after))
+            if before.get(name) != after.get(name) and not _resumable(name)]
+
+
+def _existing_config(request: TrainRequest) -> tuple[Config | None, str]:
+    """The config this run was started with, and where it is: its config.json, else its newest checkpoint's.
+
+    An unreadable run config.json is an error (the user must decide); an unreadable checkpoint
+    config only means that checkpoint will not be resumed from, so the next older one is asked.
+    """
+    import json
+
+    from inpaint.checkpoint import CONFIG_FILE, checkpoint_urls
+
+    def read(url: str) -> Config:
+        fs, path = storage.fsspec_filesystem(url)
+        return Config.from_dict(json.loads(fs.cat_file(path)))
+
+    run = request.run
+    try:
+        try:
+            return read(run.config), run.config
+        except FileNotFoundError:
+            pass
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and ConfigError are ValueErrors
+            raise UserError(f"run {request.name}: {run.config} is unreadable ({' '.join(str(exc).split())[:200]}); "
+                            "fix or remove it, or use a new --name") from None
+        for url, _ in reversed(checkpoint_urls(run.run)):
+            try:
+                return read(storage.join(url, CONFIG_FILE)), storage.join(url, CONFIG_FILE)
+            except (FileNotFoundError, ValueError, UnicodeDecodeError):
+                continue
+    except UserError:
+        raise
+    except Exception as exc:  # any client error: unreachable storage, bad credentials
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"storage {run.run} is not readable or not reachable: {reason}") from None
+    return None, ""
+
+
+def check_resume(request: TrainRequest) -> None:
+    """Refuse, before anything is written, to resume a run with a config that changes what it trains."""
+    old, where = _existing_config(request)
+    if old is None:
+        return
+    changes = config_changes(old, request.config)
+    if changes:
+        raise UserError(f"run {request.name} exists with a different config ({where}): {'; '.join(changes)}. "
+                        f"Only {', '.join(RESUMABLE_FIELDS)} may change when resuming; "
+                        "use a new --name for a new run")
+
+
 def ensure_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS (as `ray job submit` sets it), or start a local Ray."""
     import ray
@@ -234,6 +311,7 @@ def build_trainer(request: TrainRequest):
 def run_training(request: TrainRequest) -> TrainSummary:
     _check_data(request)
     _check_vgg_weights(request)
+    check_resume(request)
     try:
         storage.check_writable(request.run.run)
     except storage.StorageError as exc:

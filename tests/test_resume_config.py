@@ -1,0 +1,88 @@
+"""Resuming a run with a config that changes what it trains is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cluster import launch
+from inpaint import recipes
+from inpaint.config import apply_overrides
+from tests.cli_harness import run_cli, train_debug_run, tree_digest
+
+
+@pytest.fixture(scope="module")
+def template_runs(tmp_path_factory, sample_dataset) -> Path:
+    storage = tmp_path_factory.mktemp("runs")
+    train_debug_run(storage / "debug-sample", sample_dataset, save_at=(2,))
+    return storage
+
+
+@pytest.fixture
+def runs(template_runs, tmp_path, monkeypatch) -> Path:
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the mistake must be caught before Ray starts")
+
+    monkeypatch.setattr(launch, "ensure_ray", no_ray)
+    return Path(shutil.copytree(template_runs, tmp_path / "runs"))
+
+
+def _train(runs: Path, data: str, *args: str):
+    return run_cli("train", "--storage", str(runs), "--name", "debug-sample", "--data", data, *args)
+
+
+@pytest.mark.parametrize("args,fields", [
+    (["--set", "model.gen_width=16"], ["model.gen_width: 8 -> 16"]),
+    (["--set", "optim.g_lr=1e-3", "--set", "mask.kind=center"], ["mask.kind", "optim.g_lr"]),
+    (["--recipe", "quickstart"], ["model.image_size", "recipe: 'debug' -> 'quickstart'"]),
+    (["--set", "data.batch_size=2"], ["data.batch_size: 4 -> 2"]),
+])
+def test_changed_config_is_refused_and_nothing_is_written(runs, sample_dataset, args, fields):
+    before = tree_digest(runs)
+    config_before = (runs / "debug-sample" / "config.json").read_bytes()
+    line = _train(runs, sample_dataset, *args).assert_one_line_error(r"run debug-sample exists with a different config")
+    for name in fields:
+        assert name in line
+    assert "use a new --name" in line
+    assert (runs / "debug-sample" / "config.json").read_bytes() == config_before
+    assert tree_digest(runs) == before
+
+
+def test_resumable_fields_may_change(sample_dataset):
+    base = apply_overrides(recipes.get("debug"), [f"data.url={sample_dataset}"])
+    changed = apply_overrides(base, ["log.every_steps=7", "checkpoint.every_steps=3", "checkpoint.keep_last=5",
+                                     "data.num_workers=1", "runtime.device=cuda", "schedule.joint_steps=100",
+                                     "data.url=/elsewhere"])
+    assert launch.config_changes(base, changed) == []
+    assert launch.config_changes(base, apply_overrides(base, ["model.gen_width=16"])) == ["model.gen_width: 8 -> 16"]
+
+
+def test_without_run_config_the_newest_checkpoint_config_is_compared(runs, sample_dataset):
+    (runs / "debug-sample" / "config.json").unlink()
+    before = tree_digest(runs)
+    _train(runs, sample_dataset, "--set", "model.gen_width=16").assert_one_line_error(
+        r"checkpoint_000000002/config.json\): model.gen_width: 8 -> 16")
+    assert tree_digest(runs) == before
+
+
+def test_unreadable_run_config_is_an_error_not_overwritten(runs, sample_dataset):
+    path = runs / "debug-sample" / "config.json"
+    path.write_text("{not json")
+    _train(runs, sample_dataset).assert_one_line_error(r"config.json is unreadable")
+    assert path.read_text() == "{not json"
+    path.write_text(json.dumps([]))
+    _train(runs, sample_dataset).assert_one_line_error(r"config.json is unreadable")
+
+
+def test_the_same_command_still_resumes(runs, sample_dataset):
+    from tests.cli_harness import cli_main  # noqa: F401  (loads jobs/train.py)
+    from tests.cli_harness import _MODULES
+
+    cli_main("train")
+    args = _MODULES["train"].build_parser().parse_args(
+        ["--storage", str(runs), "--name", "debug-sample", "--data", sample_dataset, "--set", "log.every_steps=1"])
+    request = launch.TrainRequest.from_args(args, default_data="unused")
+    launch.check_resume(request)  # no error: only a resumable field changed
