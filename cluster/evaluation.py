@@ -333,7 +333,7 @@ def _create_exclusive(fs, path: str, payload: bytes) -> bool:
 def claim(folder: str, owner: str, *, timeout_s: float = CLAIM_TIMEOUT_S, settle_s: float = CLAIM_SETTLE_S) -> bool:
     """Whether ``owner`` now holds the claim on an evaluation folder (see the module doc)."""
     fs, path = storage.fsspec_filesystem(folder)
-    fs.makedirs(path, exist_ok=True)
+    storage.makedirs(fs, path)
     claim_path = f"{path}/{CLAIM_FILE}"
     record = _claim_record(owner)
     if not _create_exclusive(fs, claim_path, record):

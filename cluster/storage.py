@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import fsspec
 import pyarrow.fs as pafs
+from fsspec.implementations.local import LocalFileSystem
 
 
 class StorageError(RuntimeError):
@@ -46,6 +47,23 @@ def fsspec_filesystem(url: str, storage_options: dict | None = None) -> tuple[fs
     return fs, path
 
 
+def makedirs(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Create a local folder; on object stores nothing (they have no folders, and s3fs's makedirs
+    would create a missing *bucket*: a mistyped bucket name must be an error, never a new bucket)."""
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(path, exist_ok=True)
+
+
+class _NoBucketCreation(pafs.FSSpecHandler):
+    """The fsspec handler Ray writes through, except that creating a folder never creates a bucket."""
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        bucket = path.strip("/").split("/", 1)[0]
+        if not self.fs.exists(bucket):
+            raise FileNotFoundError(f"bucket {bucket!r} does not exist (buckets are never created)")
+        super().create_dir(path, recursive)
+
+
 def pyarrow_filesystem(url: str) -> tuple[pafs.FileSystem | None, str]:
     """(filesystem, path) for Ray's RunConfig; (None, local path) for local storage.
 
@@ -59,19 +77,28 @@ def pyarrow_filesystem(url: str) -> tuple[pafs.FileSystem | None, str]:
         return None, url
     fs, path = fsspec_filesystem(url)
     # Ray wants the bucket path without the scheme once a filesystem is given.
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip("/")
+    return pafs.PyFileSystem(_NoBucketCreation(fs)), path.rstrip("/")
 
 
 def check_writable(url: str) -> None:
-    """Create the folder and round-trip a probe object, or raise StorageError."""
+    """Create the (local) folder and round-trip a probe object, or raise StorageError.
+
+    A bucket that does not exist is an error: it is never created.
+    """
     url = normalize(url)
     try:
         fs, path = fsspec_filesystem(url)
-        fs.makedirs(path, exist_ok=True)
+        makedirs(fs, path)
         probe = f"{path}/.probe-{uuid.uuid4().hex}"
         with fs.open(probe, "wb") as f:
             f.write(b"ok")
         fs.rm(probe)
+    except FileNotFoundError as exc:
+        if is_remote(url):
+            bucket = urlparse(url).netloc
+            raise StorageError(f"storage {url}: bucket {bucket!r} does not exist or is not visible with these "
+                               "credentials (buckets are never created: create it, or fix the name)") from None
+        raise StorageError(f"storage {url} is not writable: {exc}") from None
     except Exception as exc:  # any client error means the same thing to the user
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StorageError(f"storage {url} is not writable or not reachable: {reason}") from None
@@ -107,8 +134,7 @@ class RunPaths:
 
 def write_text(url: str, text: str) -> None:
     fs, path = fsspec_filesystem(url)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
+    makedirs(fs, path.rsplit("/", 1)[0])
     with fs.open(path, "w") as f:
         f.write(text)
 

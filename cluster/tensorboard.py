@@ -46,7 +46,7 @@ class RunWriter:
             png = Path(tmp) / "grid.png"
             save_image(grid, png)
             fs, path = storage.fsspec_filesystem(target)
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            storage.makedirs(fs, path.rsplit("/", 1)[0])
             fs.put_file(str(png), path)
         return target
 
