@@ -89,9 +89,13 @@ def _as_tuples(value: Any) -> Any:
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def _adam(parameters: Iterable[nn.Parameter], lr: float, config: Config, device: torch.device) -> torch.optim.Adam:
-    """Adam with the run's betas and weight decay; fused into one kernel per step on CPU and CUDA."""
-    # The discriminator holds ~150 M parameters, most in its FC layers: the fused step reads and
+def _optimizer(parameters: Iterable[nn.Parameter], lr: float, config: Config,
+               device: torch.device) -> torch.optim.Optimizer:
+    """``optim.name``: Adam with the run's betas and weight decay, fused into one kernel per step on
+    CPU and CUDA; or Adadelta (GLCIC's) with torch's rho and eps."""
+    if config.optim.name == "adadelta":
+        return torch.optim.Adadelta(parameters, lr=lr, weight_decay=config.optim.weight_decay)
+    # The paper's discriminator holds ~150 M parameters, most in its FC layers: the fused step reads and
     # writes each of them once instead of once per foreach op, 4x faster on CPU (benchmarks/RESULTS.md).
     return torch.optim.Adam(parameters, lr=lr, betas=(config.optim.beta1, config.optim.beta2),
                             weight_decay=config.optim.weight_decay,
@@ -131,8 +135,8 @@ class Trainer:
 
             self.vgg = VGG16Features(layers=config.loss.cx_layers, weights=config.loss.vgg_weights).to(
                 self.device, memory_format=memory_format)
-        self.g_optimizer = _adam(self.generator.parameters(), config.optim.g_lr, config, self.device)
-        self.d_optimizer = _adam(self.discriminator.parameters(), config.optim.d_lr, config, self.device)
+        self.g_optimizer = _optimizer(self.generator.parameters(), config.optim.g_lr, config, self.device)
+        self.d_optimizer = _optimizer(self.discriminator.parameters(), config.optim.d_lr, config, self.device)
         self.step = 0
         self.samples_seen = 0
         self.data_state: dict[str, Any] | None = None

@@ -17,10 +17,20 @@ def test_paper_recipes_hold_the_papers_settings():
     assert celeba.data.batch_size == 12 and lfw.data.batch_size == 16
 
 
-def test_glcic_recipe_is_the_paper_without_se_and_contextual_loss():
+def test_glcic_recipe_is_glcics_networks_and_optimizer_in_our_system():
     glcic, celeba = recipes.get("glcic"), recipes.get("celeba")
     assert glcic.model.block == "conv" and glcic.loss.cx_weight == 0
+    assert glcic.model.arch == "glcic" and glcic.model.disc_tail_stride == 2
+    assert (glcic.optim.name, glcic.optim.g_lr, glcic.optim.d_lr) == ("adadelta", 1.0, 1.0)
     assert glcic.schedule == celeba.schedule and glcic.loss.adv_weight == celeba.loss.adv_weight
+    assert glcic.data == celeba.data and glcic.mask == celeba.mask
+
+
+def test_paper_recipes_read_the_discriminator_tail_as_stride_one_with_adam():
+    for name in ("celeba", "lfw"):
+        cfg = recipes.get(name)
+        assert (cfg.model.arch, cfg.model.disc_tail_stride, cfg.optim.name) == ("paper", 1, "adam")
+    assert apply_overrides(recipes.get("celeba"), ["model.disc_tail_stride=2"]).model.disc_tail_stride == 2
 
 
 def test_recipes_are_fresh_objects():
@@ -52,11 +62,27 @@ def test_round_trip_through_json():
     ("runtime.bf16=maybe", r"^runtime.bf16: expected true or false"),
     ("loss.cx_layers=relu9_9", r"^loss.cx_layers: must be one of"),
     ("mask.max_side=0.9", r"^mask.max_side: .*does not fit"),
+    ("model.disc_tail_stride=3", r"^model.disc_tail_stride: must be 1 or 2"),
+    ("model.arch=vgg", r"^model.arch: must be one of paper, glcic, glcic_places2"),
+    ("model.arch=glcic", r"^model.block: arch=glcic builds plain convolutions"),
+    ("optim.name=sgd", r"^optim.name: must be one of adam, adadelta"),
 ])
 def test_bad_overrides_give_one_line_errors_naming_the_field(override, message):
     with pytest.raises(ConfigError, match=message) as info:
         apply_overrides(recipes.get("celeba"), [override])
     assert "\n" not in str(info.value)
+
+
+def test_glcic_arch_needs_stride_two_tails():
+    with pytest.raises(ConfigError, match=r"^model.disc_tail_stride: arch=glcic strides 2"):
+        apply_overrides(recipes.get("glcic"), ["model.disc_tail_stride=1"])
+
+
+def test_configs_saved_before_arch_and_optimizer_fields_load_as_the_paper_with_adam():
+    data = recipes.get("celeba").to_dict()
+    del data["model"]["arch"], data["model"]["disc_tail_stride"], data["optim"]["name"]
+    cfg = Config.from_dict(data)
+    assert (cfg.model.arch, cfg.model.disc_tail_stride, cfg.optim.name) == ("paper", 1, "adam")
 
 
 def test_unknown_field_in_a_saved_config_is_rejected():

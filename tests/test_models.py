@@ -63,16 +63,37 @@ def generator_params(m: ModelConfig):
             + conv(2 * w, w, 4) + bn(w) + cbr(w, half) + conv(half, 3, 3, bias=True))
 
 
+def ceil_halved(size, times):
+    return -(-size // 2**times)
+
+
 def global_params(m: ModelConfig):
-    w, k, r = m.disc_width, m.block, m.se_reduction
+    w, k, r, t = m.disc_width, m.block, m.se_reduction, m.disc_tail_stride
+    side = m.image_size // 16 if t == 1 else ceil_halved(m.image_size, 6)
     return (cbr(3, w, 5) + cbr(w, 2 * w, 5) + cbr(2 * w, 4 * w, 5) + block(k, 4 * w, 8 * w, 2, r)
-            + 2 * block(k, 8 * w, 8 * w, 1, r) + linear(8 * w * (m.image_size // 16) ** 2, m.fc_features))
+            + 2 * block(k, 8 * w, 8 * w, t, r) + linear(8 * w * side ** 2, m.fc_features))
 
 
 def local_params(m: ModelConfig):
-    w, k, r = m.disc_width, m.block, m.se_reduction
+    w, k, r, t = m.disc_width, m.block, m.se_reduction, m.disc_tail_stride
+    side = m.local_size // 8 if t == 1 else ceil_halved(m.local_size, 5)
     return (cbr(3, 2 * w, 5) + cbr(2 * w, 4 * w, 5) + block(k, 4 * w, 8 * w, 2, r)
-            + 2 * block(k, 8 * w, 8 * w, 1, r) + linear(8 * w * (m.local_size // 8) ** 2, m.fc_features))
+            + 2 * block(k, 8 * w, 8 * w, t, r) + linear(8 * w * side ** 2, m.fc_features))
+
+
+# arch=glcic*: GLCIC-PyTorch's layer lists (models.py there), our convs without bias (BN follows each).
+def glcic_generator_params(m: ModelConfig):
+    w = m.gen_width
+    return (cbr(4, w, 5) + cbr(w, 2 * w) + cbr(2 * w, 2 * w) + cbr(2 * w, 4 * w)
+            + (4 + len(m.dilations)) * cbr(4 * w, 4 * w)
+            + conv(4 * w, 2 * w, 4) + bn(2 * w) + cbr(2 * w, 2 * w)
+            + conv(2 * w, w, 4) + bn(w) + cbr(w, w // 2) + conv(w // 2, 3, 3, bias=True))
+
+
+def glcic_branch_params(m: ModelConfig, size: int, convs: int):
+    widths = [3] + [m.disc_width * f for f in (1, 2, 4, 8, 8, 8)[:convs]]
+    return (sum(cbr(a, b, 5) for a, b in zip(widths, widths[1:]))
+            + linear(widths[-1] * ceil_halved(size, convs) ** 2, m.fc_features))
 
 
 def on_meta(model_cfg: ModelConfig):
@@ -93,15 +114,59 @@ def model_cfg(recipe: str, **fields) -> ModelConfig:
 
 # ----------------------------------------------------------------------------- parameter counts
 
-@pytest.mark.parametrize("recipe", ["celeba", "glcic", "debug"])
+@pytest.mark.parametrize("recipe", ["celeba", "debug"])
 @pytest.mark.parametrize("kind", BLOCKS)
-def test_parameter_counts_match_the_layer_list(recipe, kind):
-    m = model_cfg(recipe, block=kind)
+@pytest.mark.parametrize("tail_stride", [1, 2])
+def test_parameter_counts_match_the_layer_list(recipe, kind, tail_stride):
+    m = model_cfg(recipe, block=kind, disc_tail_stride=tail_stride)
     gen, disc = on_meta(m)
     assert count_parameters(gen) == generator_params(m)
     assert count_parameters(disc.global_net) == global_params(m)
     assert count_parameters(disc.local_net) == local_params(m)
     assert count_parameters(disc) == global_params(m) + local_params(m) + linear(2 * m.fc_features, 1)
+
+
+@pytest.mark.parametrize("arch, global_convs", [("glcic", 5), ("glcic_places2", 6)])
+@pytest.mark.parametrize("sizes", [{}, {"image_size": 64, "local_size": 40, "gen_width": 8, "disc_width": 8}])
+def test_glcic_parameter_counts_match_its_layer_list(arch, global_convs, sizes):
+    m = model_cfg("glcic", arch=arch, **sizes)
+    gen, disc = on_meta(m)
+    assert count_parameters(gen) == glcic_generator_params(m)
+    assert count_parameters(disc.global_net) == glcic_branch_params(m, m.image_size, global_convs)
+    assert count_parameters(disc.local_net) == glcic_branch_params(m, m.local_size, 5)
+    assert count_parameters(disc.head) == linear(2 * m.fc_features, 1)
+
+
+def test_glcic_recipe_has_glcic_pytorchs_networks():
+    """Same layer list as GLCIC-PyTorch's CelebA networks (6.07 M / 39.6 M at 160 / 96 px); only its
+    conv biases, which the BN after each conv makes redundant, are missing."""
+    from benchmarks import glcic_pytorch as gp
+
+    gen, disc = on_meta(recipes.get("glcic").model)
+    with torch.device("meta"):
+        theirs_gen, theirs_disc = gp.CompletionNetwork(), gp.ContextDiscriminator(96, 160)
+    biases = [sum(m.bias.numel() for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))
+                  and m.bias is not None) for net in (theirs_gen, theirs_disc)]
+    assert count_parameters(gen) == count_parameters(theirs_gen) - biases[0] + 3  # our last conv keeps its bias
+    assert count_parameters(disc) == count_parameters(theirs_disc) - biases[1]
+    assert count_parameters(gen) == pytest.approx(6.07e6, abs=0.005e6)  # published to 3 digits
+    assert count_parameters(disc) == pytest.approx(39.6e6, abs=0.05e6)
+    convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 10 and all(c.stride == (2, 2) and c.kernel_size == (5, 5) for c in convs)
+    theirs = [(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.dilation)
+              for m in theirs_gen.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    ours = [(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.dilation)
+            for m in gen.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert ours == theirs
+
+
+def test_tail_stride_two_halves_the_last_discriminator_layers():
+    _, disc = on_meta(model_cfg("celeba", disc_tail_stride=2))
+    assert disc.global_net.features.fc.in_features == 512 * 3 * 3  # 160 / 64, rounded up
+    assert disc.local_net.features.fc.in_features == 512 * 3 * 3  # 96 / 32
+    assert count_parameters(disc) == 38_781_825
+    with torch.device("meta"):
+        assert disc(torch.rand(2, 3, 160, 160), torch.rand(2, 3, 96, 96)).shape == (2,)
 
 
 def test_pinned_parameter_counts():
@@ -278,10 +343,12 @@ def test_generator_ignores_hidden_pixels():
     assert torch.equal(gen(image, mask), gen(other, mask))
 
 
-@pytest.mark.parametrize("kind", BLOCKS)
-def test_gradients_reach_every_parameter(kind):
+@pytest.mark.parametrize("kind, fields", [*((k, {}) for k in BLOCKS), ("se_res", {"disc_tail_stride": 2}),
+                                          ("conv", {"arch": "glcic", "disc_tail_stride": 2}),
+                                          ("conv", {"arch": "glcic_places2", "disc_tail_stride": 2})])
+def test_gradients_reach_every_parameter(kind, fields):
     torch.manual_seed(0)
-    m = model_cfg("debug", block=kind)
+    m = model_cfg("debug", block=kind, **fields)
     gen, disc = build_generator(m), build_discriminator(m)
     image, mask = torch.rand(4, 3, 32, 32), hole_mask(4, 32, 32, 6, 10, 12)
     completed = composite(image, gen(image, mask), mask)

@@ -99,8 +99,14 @@ def test_discriminator_sees_the_composite_not_the_raw_prediction(monkeypatch):
     assert torch.equal(seen["images"][: len(real)], real)
 
 
-def test_save_load_continue_matches_an_uninterrupted_run(tmp_path):
-    config = debug_config("schedule.generator_steps=3", "schedule.discriminator_steps=2", "schedule.joint_steps=4")
+GLCIC_SETTINGS = ("model.arch=glcic", "model.block=conv", "model.disc_tail_stride=2", "optim.name=adadelta",
+                  "optim.g_lr=1", "optim.d_lr=1")
+
+
+@pytest.mark.parametrize("settings", [(), GLCIC_SETTINGS], ids=["paper-adam", "glcic-adadelta"])
+def test_save_load_continue_matches_an_uninterrupted_run(tmp_path, settings):
+    config = debug_config("schedule.generator_steps=3", "schedule.discriminator_steps=2", "schedule.joint_steps=4",
+                          *settings)
     batches = [synthetic_batch(config, i) for i in range(9)]
 
     straight = Trainer(config, device="cpu")
@@ -120,6 +126,13 @@ def test_save_load_continue_matches_an_uninterrupted_run(tmp_path):
     assert resumed.data_state == {"epoch": 0, "batches": 4}
     got = [{k: float(v) for k, v in resumed.train_step(b).items()} for b in batches[4:]]
     assert got == expected[4:]
+
+
+def test_optim_name_picks_the_optimizer_of_both_networks():
+    adam, adadelta = Trainer(debug_config(), device="cpu"), Trainer(debug_config(*GLCIC_SETTINGS), device="cpu")
+    assert all(isinstance(o, torch.optim.Adam) for o in (adam.g_optimizer, adam.d_optimizer))
+    assert all(isinstance(o, torch.optim.Adadelta) and o.defaults["lr"] == 1.0
+               for o in (adadelta.g_optimizer, adadelta.d_optimizer))
 
 
 def test_checkpoint_files_load_without_unpickling_code_and_tampering_is_detected(tmp_path):

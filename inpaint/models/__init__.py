@@ -20,18 +20,21 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "small": {"gen_width": 32, "disc_width": 32, "fc_features": 512},  # 1.68 M / 39.1 M
     "tiny": {"gen_width": 8, "disc_width": 8, "fc_features": 32},  # 0.11 M / 0.95 M (the debug recipe's widths)
 }
+# arch=glcic (the glcic recipe) at 160 / 96 px: 6.07 M / 39.6 M, GLCIC-PyTorch's counts.
 GENERATOR_WIDTHS: dict[str, int] = {name: size["gen_width"] for name, size in MODEL_SIZES.items()}
 
 
 def build_generator(model_cfg: ModelConfig) -> Generator:
     """The generator described by ``model_cfg``."""
-    return Generator(model_cfg.gen_width, model_cfg.block, model_cfg.se_reduction, model_cfg.dilations)
+    return Generator(model_cfg.gen_width, model_cfg.block, model_cfg.se_reduction, model_cfg.dilations,
+                     model_cfg.arch)
 
 
 def build_discriminator(model_cfg: ModelConfig) -> ContextDiscriminator:
     """The context discriminator described by ``model_cfg``, FC sizes fitted to its image/local sizes."""
     return ContextDiscriminator(model_cfg.image_size, model_cfg.local_size, model_cfg.disc_width,
-                                model_cfg.block, model_cfg.se_reduction, model_cfg.fc_features)
+                                model_cfg.block, model_cfg.se_reduction, model_cfg.fc_features,
+                                model_cfg.disc_tail_stride, model_cfg.arch)
 
 
 def count_parameters(module: nn.Module) -> int:

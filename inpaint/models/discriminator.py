@@ -3,8 +3,14 @@
 At ``width`` w the global net maps an S x S image through
 5x5 conv w @ S/2, 5x5 conv 2w @ S/4, 5x5 conv 4w @ S/8, block 8w @ S/16, block 8w, block 8w,
 then flatten and FC to ``fc_features``. The local net is the same without its first layer, so
-an L x L patch ends at 8w @ L/8. The FC input sizes follow from the sizes given (S a multiple
-of 16, L of 8) instead of being hard-wired to one resolution.
+an L x L patch ends at 8w @ L/8. The last two layers keep the size (``tail_stride=1``, the
+default reading of the paper) or halve it again (``tail_stride=2``: S/64 and L/32, rounded up).
+The FC input sizes follow from the sizes given instead of being hard-wired to one resolution.
+
+``arch="glcic"`` builds Iizuka et al.'s discriminators as GLCIC-PyTorch does for CelebA: five
+5x5 stride-2 conv-BN-ReLU layers (w, 2w, 4w, 8w, 8w) in each net, then FC; ``glcic_places2``
+adds the paper's sixth 8w conv to the global net. At 160 / 96 px and w = 64 the context
+discriminator holds 39.6 M (glcic) or 37.7 M (glcic_places2) parameters.
 
 Inputs are images in [0, 1], shifted to [-1, 1] like the generator's input.
 """
@@ -33,6 +39,18 @@ def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _halved(size: int, times: int) -> int:
+    """Side after ``times`` stride-2 layers padded as ours are: each rounds up (k5 p2, k3 p1, 1x1 p0)."""
+    for _ in range(times):
+        size = (size + 1) // 2
+    return size
+
+
+def _glcic_convs(widths: tuple[int, ...]) -> list[nn.Module]:
+    """GLCIC's discriminator layers: 5x5 stride-2 conv-BN-ReLU from RGB through ``widths``."""
+    return [ConvBNReLU(c_in, c_out, 5, 2) for c_in, c_out in zip((3, *widths), widths)]
+
+
 class _Features(nn.Module):
     """Conv stack, flatten, FC-ReLU: the shared tail of the global and local discriminators."""
 
@@ -55,20 +73,27 @@ class GlobalDiscriminator(nn.Module):
     """Whole-image critic: (B, 3, S, S) in [0, 1] -> (B, fc_features) features."""
 
     def __init__(self, image_size: int, width: int = 64, block: str = "se_res", se_reduction: int = 16,
-                 fc_features: int = 1024):
+                 fc_features: int = 1024, tail_stride: int = 1, arch: str = "paper"):
         super().__init__()
         if image_size < 16 or image_size % 16:
             raise ValueError(f"GlobalDiscriminator: image_size must be a multiple of 16, got {image_size}")
         self.image_size = image_size
-        convs = [
-            ConvBNReLU(3, width, 5, 2),
-            ConvBNReLU(width, 2 * width, 5, 2),
-            ConvBNReLU(2 * width, 4 * width, 5, 2),
-            make_block(block, 4 * width, 8 * width, 2, se_reduction),
-            make_block(block, 8 * width, 8 * width, 1, se_reduction),
-            make_block(block, 8 * width, 8 * width, 1, se_reduction),
-        ]
-        self.features = _Features(convs, 8 * width, image_size // 16, fc_features)
+        if arch == "paper":
+            convs = [
+                ConvBNReLU(3, width, 5, 2),
+                ConvBNReLU(width, 2 * width, 5, 2),
+                ConvBNReLU(2 * width, 4 * width, 5, 2),
+                make_block(block, 4 * width, 8 * width, 2, se_reduction),
+                make_block(block, 8 * width, 8 * width, tail_stride, se_reduction),
+                make_block(block, 8 * width, 8 * width, tail_stride, se_reduction),
+            ]
+            side = _halved(image_size, 4 + 2 * (tail_stride == 2))
+        else:
+            widths = (width, 2 * width, 4 * width, 8 * width, 8 * width)
+            widths += (8 * width,) if arch == "glcic_places2" else ()
+            convs = _glcic_convs(widths)
+            side = _halved(image_size, len(widths))
+        self.features = _Features(convs, 8 * width, side, fc_features)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         _check_size("GlobalDiscriminator", images, self.image_size)
@@ -79,19 +104,24 @@ class LocalDiscriminator(nn.Module):
     """Critic of the patch around the hole: (B, 3, L, L) in [0, 1] -> (B, fc_features) features."""
 
     def __init__(self, local_size: int, width: int = 64, block: str = "se_res", se_reduction: int = 16,
-                 fc_features: int = 1024):
+                 fc_features: int = 1024, tail_stride: int = 1, arch: str = "paper"):
         super().__init__()
         if local_size < 8 or local_size % 8:
             raise ValueError(f"LocalDiscriminator: local_size must be a multiple of 8, got {local_size}")
         self.local_size = local_size
-        convs = [
-            ConvBNReLU(3, 2 * width, 5, 2),
-            ConvBNReLU(2 * width, 4 * width, 5, 2),
-            make_block(block, 4 * width, 8 * width, 2, se_reduction),
-            make_block(block, 8 * width, 8 * width, 1, se_reduction),
-            make_block(block, 8 * width, 8 * width, 1, se_reduction),
-        ]
-        self.features = _Features(convs, 8 * width, local_size // 8, fc_features)
+        if arch == "paper":
+            convs = [
+                ConvBNReLU(3, 2 * width, 5, 2),
+                ConvBNReLU(2 * width, 4 * width, 5, 2),
+                make_block(block, 4 * width, 8 * width, 2, se_reduction),
+                make_block(block, 8 * width, 8 * width, tail_stride, se_reduction),
+                make_block(block, 8 * width, 8 * width, tail_stride, se_reduction),
+            ]
+            side = _halved(local_size, 3 + 2 * (tail_stride == 2))
+        else:
+            convs = _glcic_convs((width, 2 * width, 4 * width, 8 * width, 8 * width))
+            side = _halved(local_size, 5)
+        self.features = _Features(convs, 8 * width, side, fc_features)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         _check_size("LocalDiscriminator", patches, self.local_size)
@@ -108,10 +138,10 @@ class ContextDiscriminator(nn.Module):
     """
 
     def __init__(self, image_size: int, local_size: int, width: int = 64, block: str = "se_res",
-                 se_reduction: int = 16, fc_features: int = 1024):
+                 se_reduction: int = 16, fc_features: int = 1024, tail_stride: int = 1, arch: str = "paper"):
         super().__init__()
-        self.global_net = GlobalDiscriminator(image_size, width, block, se_reduction, fc_features)
-        self.local_net = LocalDiscriminator(local_size, width, block, se_reduction, fc_features)
+        self.global_net = GlobalDiscriminator(image_size, width, block, se_reduction, fc_features, tail_stride, arch)
+        self.local_net = LocalDiscriminator(local_size, width, block, se_reduction, fc_features, tail_stride, arch)
         self.head = nn.Linear(2 * fc_features, 1)
 
     def forward(self, images: torch.Tensor, local_patches: torch.Tensor) -> torch.Tensor:

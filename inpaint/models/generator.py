@@ -10,6 +10,10 @@ Layer layout at ``width`` w (paper: w = 64, ~6.7 M parameters with SE-ResNet blo
     decoder 4x4 transposed conv, 3x3 conv                      2w  @ 1/2
             4x4 transposed conv, 3x3 conv                      w, w/2 @ 1
     head    3x3 conv, sigmoid                                  3   @ 1, in [0, 1]
+
+``arch="glcic"`` (and ``glcic_places2``) is Iizuka et al.'s completion network as GLCIC-PyTorch
+lists it: plain 3x3 convs, with one more 3x3 conv 2w @ 1/2 between the two downsamplings
+(w = 64: 6.07 M parameters, as GLCIC-PyTorch's).
 """
 
 from __future__ import annotations
@@ -35,14 +39,17 @@ class Generator(nn.Module):
     """
 
     def __init__(self, width: int = 64, block: str = "se_res", se_reduction: int = 16,
-                 dilations: tuple[int, ...] = (2, 4, 8, 16)):
+                 dilations: tuple[int, ...] = (2, 4, 8, 16), arch: str = "paper"):
         super().__init__()
         w1, w2, w4 = width, 2 * width, 4 * width
         self.stem = ConvBNReLU(4, w1, kernel_size=5)
-        self.down = nn.Sequential(
-            make_block(block, w1, w2, 2, se_reduction),
-            make_block(block, w2, w4, 2, se_reduction),
-        )
+        if arch == "paper":
+            self.down = nn.Sequential(
+                make_block(block, w1, w2, 2, se_reduction),
+                make_block(block, w2, w4, 2, se_reduction),
+            )
+        else:  # GLCIC's conv2 (stride 2), conv3, conv4 (stride 2)
+            self.down = nn.Sequential(ConvBNReLU(w1, w2, 3, 2), ConvBNReLU(w2, w2), ConvBNReLU(w2, w4, 3, 2))
         self.middle = nn.Sequential(
             ConvBNReLU(w4, w4),
             ConvBNReLU(w4, w4),
