@@ -42,7 +42,6 @@ def glcic() -> Config:
     The networks are GLCIC-PyTorch's for CelebA (``model.arch=glcic``: its 17-layer completion
     network, five 5x5 stride-2 convs in each discriminator, FC sizes from the image size; 6.07 M /
     39.6 M parameters at 160 / 96 px) and Adadelta at lr 1.0 as both use, so that timing this
-        optim=OptimConfig(name="adadelta", g_lr=1.0, d_lr=1.0),
     recipe against GLCIC-PyTorch compares the same network and optimizer in two training systems.
     Everything else (losses, masks, phases, data) is this system's.
     """
@@ -51,6 +50,7 @@ def glcic() -> Config:
         recipe="glcic",
         model=ModelConfig(arch="glcic", block="conv", disc_tail_stride=2),
         loss=LossConfig(cx_weight=0.0),
+        optim=OptimConfig(name="adadelta", g_lr=1.0, d_lr=1.0),
     )
 
 
