@@ -5,7 +5,11 @@ not its code: it is the same computation, written from the layer list in its REA
 the training loop it documents, so that :mod:`benchmarks.system` can time it next to ours at the
 same batch and image size, in the same process, on the same inputs.
 
-- Completion network, 17 layers, each conv/deconv with a bias and followed by BN + ReLU except the
+Re-checked against its published code (models.py and train.py at commit 3f9de13): every layer
+is conv (with bias) -> ReLU -> BN in that order, as its ``forward`` applies them; the real
+image's local patch is cropped at a random area of its own, not the fake's.
+
+- Completion network, 17 layers, each conv/deconv with a bias and followed by ReLU + BN except the
   last (sigmoid): 5x5 64; 3x3 s2 128; 128; s2 256; 256, 256; dilated 256 (2, 4, 8, 16); 256, 256;
   4x4 s2 deconv 128; 128; deconv 64; 32; 3. Input: the image with its hole filled by the mean
   pixel value, plus the mask channel. 6.07 M parameters.
@@ -19,9 +23,9 @@ same batch and image size, in the same process, on the same inputs.
 
 Per step, as its training loop does (and it is these habits our trainer avoids):
 phase 1 (generator): forward, MSE on the hole, backward, step.
-phase 2 (discriminator): a generator forward that records autograd history although only its
-detached output is used; the discriminator on the raw (not composited) output and, separately,
-on the real image with its own random patch; BCE, backward, step.
+phase 2 (discriminator): a generator forward in train mode that records autograd history although
+only its detached output is used; the discriminator on the raw (not composited) output and,
+separately, on the real image with its own random patch; BCE, backward, step.
 phase 3 (joint): phase 2's discriminator update (loss scaled by alpha), then a third
 discriminator forward on the generator output whose backward also fills the discriminator's
 parameter gradients, MSE + alpha * BCE, backward, generator step. One hole region per batch.
@@ -43,15 +47,16 @@ PUBLISHED_PARAMETERS = {"generator": 6.1e6, "discriminator": 39.6e6}
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  dilation: int = 1) -> list[nn.Module]:
-    """A biased conv padded to keep (stride 1) or halve (stride 2) the size, BN, ReLU."""
+    """A biased conv padded to keep (stride 1) or halve (stride 2) the size, then ReLU, then BN
+    (GLCIC-PyTorch's order: ``self.bn1(self.act1(self.conv1(x)))``)."""
     padding = dilation * (kernel_size - 1) // 2
     return [nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation=dilation),
-            nn.BatchNorm2d(out_channels), nn.ReLU()]
+            nn.ReLU(), nn.BatchNorm2d(out_channels)]
 
 
 def deconv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
-    """A biased 4x4 stride-2 transposed conv that doubles the size, BN, ReLU."""
-    return [nn.ConvTranspose2d(in_channels, out_channels, 4, 2, 1), nn.BatchNorm2d(out_channels), nn.ReLU()]
+    """A biased 4x4 stride-2 transposed conv that doubles the size, ReLU, BN."""
+    return [nn.ConvTranspose2d(in_channels, out_channels, 4, 2, 1), nn.ReLU(), nn.BatchNorm2d(out_channels)]
 
 
 class CompletionNetwork(nn.Module):
@@ -129,20 +134,22 @@ class GlcicPytorchStep:
         self.d_optimizer = torch.optim.Adadelta(self.discriminator.parameters())
         self.mean_pixel = 0.5  # it averages the training set once; any constant costs the same
 
-    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """(image in [0, 1], hole mask 1 = hole, generator input, the batch's one patch position)."""
+    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int],
+                                            tuple[int, int]]:
+        """(image in [0, 1], hole mask 1 = hole, generator input, the batch's one patch position,
+        another position for the real images' patch)."""
         image = batch["image"].to(self.device).float().div(255.0).contiguous()
         hole = 1.0 - batch["mask"].to(self.device).float()
         generator_input = torch.cat([image - image * hole + self.mean_pixel * hole, hole], dim=1)
-        top, left = (int(v) for v in batch["box"][0])
-        return image, hole, generator_input, (top, left)
+        fake_area, real_area = (tuple(int(v) for v in batch["box"][i]) for i in (0, -1))
+        return image, hole, generator_input, fake_area, real_area
 
-    def _discriminator_update(self, image, output, area, alpha: float) -> torch.Tensor:
+    def _discriminator_update(self, image, output, area, real_area, alpha: float) -> torch.Tensor:
         """BCE of the detached raw output (fake) and of the real image, separately; step."""
         fake_images = output.detach()
         fake = self.discriminator(crop(fake_images, area, self.local_size), fake_images)
         loss_fake = F.binary_cross_entropy(fake, torch.zeros_like(fake))
-        real = self.discriminator(crop(image, area, self.local_size), image)
+        real = self.discriminator(crop(image, real_area, self.local_size), image)
         loss_real = F.binary_cross_entropy(real, torch.ones_like(real))
         loss = (loss_fake + loss_real) * alpha / 2
         loss.backward()
@@ -154,12 +161,12 @@ class GlcicPytorchStep:
         """One step of ``phase`` (generator, discriminator or joint); returns its last loss."""
         self.generator.train()
         self.discriminator.train()
-        image, hole, generator_input, area = self._inputs(batch)
+        image, hole, generator_input, area, real_area = self._inputs(batch)
         output = self.generator(generator_input)
         if phase == "discriminator":
-            return self._discriminator_update(image, output, area, alpha=1.0)
+            return self._discriminator_update(image, output, area, real_area, alpha=1.0)
         if phase == "joint":
-            self._discriminator_update(image, output, area, alpha=ALPHA)
+            self._discriminator_update(image, output, area, real_area, alpha=ALPHA)
         loss = F.mse_loss(output * hole, image * hole)
         if phase == "joint":
             fake = self.discriminator(crop(output, area, self.local_size), output)
