@@ -252,11 +252,12 @@ class DataConfig:
 
 @dataclass
 class RuntimeConfig:
-    """Device and numerics. GPU paths are on by default only on CUDA (see resolve())."""
+    """Device and numerics. bf16 / channels_last default to on where the device computes bf16
+    natively: CUDA (Ampere+) or a CPU with AMX / AVX512-BF16 (inpaint.hardware)."""
 
     device: str = "auto"
-    bf16: bool | None = None  # None: on for CUDA, off for CPU
-    channels_last: bool | None = None  # None: on for CUDA, off for CPU
+    bf16: bool | None = None  # None: on where bf16 is native (CUDA, AMX / AVX512-BF16 CPUs), else off
+    channels_last: bool | None = None  # None: as bf16
     compile: bool = False
     seed: int = 0
 

@@ -29,6 +29,7 @@ from torch.profiler import record_function
 
 from inpaint import checkpoint as ckpt
 from inpaint.config import Config
+from inpaint.hardware import default_bf16, default_channels_last
 from inpaint.losses import (
     contextual_loss,
     discriminator_loss,
@@ -112,14 +113,15 @@ class Trainer:
                  rank: int = 0):
         self.config = config
         self.device = torch.device(device) if device is not None else resolve_device(config.runtime.device)
-        cuda = self.device.type == "cuda"
         if self.device.type == "cpu":
             # Denormal floats take a slow microcode path on x86 CPUs, and the contextual loss's softmax
             # tails (down to exp(-80)) seed them into every backward convolution: flushing them to zero,
             # as GPUs do, takes 20-25% off a CPU step (benchmarks/RESULTS.md). The setting is per process.
             torch.set_flush_denormal(True)
-        self.bf16 = cuda if config.runtime.bf16 is None else config.runtime.bf16
-        self.channels_last = cuda if config.runtime.channels_last is None else config.runtime.channels_last
+        # None (auto): on where the device computes bf16 natively (CUDA, or a CPU with AMX / AVX512-BF16).
+        self.bf16 = default_bf16(self.device) if config.runtime.bf16 is None else config.runtime.bf16
+        self.channels_last = (default_channels_last(self.device) if config.runtime.channels_last is None
+                              else config.runtime.channels_last)
         self.world_size = world_size
         self.rank = rank
         self.schedule = PhaseSchedule(config.schedule)

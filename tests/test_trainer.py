@@ -163,6 +163,10 @@ def test_bf16_autocast_and_channels_last_switch_on_for_cpu():
         assert all(torch.isfinite(v) for v in metrics.values())
 
 
-def test_gpu_switches_default_off_on_cpu():
+@pytest.mark.parametrize("native", [False, True])
+def test_gpu_switches_follow_the_cpus_native_bf16(monkeypatch, native):
+    monkeypatch.setattr("inpaint.hardware.cpu_native_bf16", lambda: native)
     trainer = Trainer(debug_config(), device="cpu")
-    assert not trainer.bf16 and not trainer.channels_last
+    assert trainer.bf16 is native and trainer.channels_last is native
+    pinned = Trainer(debug_config("runtime.bf16=false", "runtime.channels_last=false"), device="cpu")
+    assert not pinned.bf16 and not pinned.channels_last
