@@ -105,6 +105,26 @@ def test_crops_are_windows_of_the_source_and_do_not_depend_on_the_worker(dataset
         assert len(windows) >= 1, f"{key}: the crop is not a window of its image"
 
 
+@pytest.mark.parametrize("workers, pin", [(1, False), (2, False), (1, True)])
+def test_batches_kept_from_workers_stay_intact_while_their_buffers_are_reused(dataset, workers, pin):
+    """Workers fill a few reusable shared buffers in turn; the loader hands out copies, so batches
+    kept by the caller (image grids, tests) never change under it, epochs after."""
+    def by_key(batches):
+        return {(b["epoch"], key): (b["image"][i], b["mask"][i], b["box"][i])
+                for b in batches for i, key in enumerate(b["key"])}
+
+    count = 3 * TRAIN // 4  # one and a half epochs of batch 2: each worker's ring goes round many times
+    data = DataConfig(url=dataset, batch_size=2, num_workers=workers, seed=0)
+    kept = _take(iter(make_train_loader(data, MODEL, MASK, pin_memory=pin)), count)
+    expected = by_key(_take(iter(_loader(dataset, batch=2)), TRAIN))  # two epochs in-process: crops and
+    got = by_key(kept)  # masks depend on (seed, epoch, sample) only
+    assert len(got) == 2 * count and got.keys() <= expected.keys()
+    assert all(all(torch.equal(x, y) for x, y in zip(got[k], expected[k])) for k in got)
+    storages = {b["image"].untyped_storage().data_ptr() for b in kept}
+    assert len(storages) == count  # every batch in memory of its own
+    assert kept[0]["image"].is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("world, workers, shards", [
     (1, 0, "many"), (2, 0, "many"), (3, 0, "many"), (1, 2, "many"), (2, 2, "many"), (3, 2, "many"),
     (3, 0, "one"), (3, 2, "one"),

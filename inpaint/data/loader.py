@@ -6,7 +6,9 @@ this one decodes) into two buffers it reuses. Samples are found by the offsets i
 headers, decoded from the original bytes by torchvision's JPEG decoder (``decode_image`` for
 other formats, PIL as the last resort), covered up to the image size if smaller, and cropped
 straight into the batch. Batches leave a worker as uint8 images; the trainer converts them on
-its device. Where the time goes, and what each choice saved: ``benchmarks/loader.py``.
+its device. A DataLoader worker fills a few shared-memory batch buffers in turn (``_SlotRing``)
+and sends each buffer once; the training process copies each batch out as it arrives (into
+pinned memory on GPU machines), so no batch pays fresh shared memory or a file-descriptor hand-over. Where the time goes, and what each choice saved: ``benchmarks/loader.py``.
 
 Which samples a rank and worker read is in :mod:`inpaint.data.plan` (its docstring states the
 guarantees: disjoint shares, equal batch counts on every rank, a new reproducible order every
@@ -28,6 +30,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -262,14 +265,52 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
 
 
+PREFETCH_FACTOR = 2  # batches each DataLoader worker works ahead (PyTorch's default, passed explicitly)
+
+
+class _SlotRing:
+    """A worker's reusable shared-memory batch buffers, handed out in turn.
+
+    A fresh shared-memory batch costs a page fault per 4 KiB on first write, and every tensor sent
+    through a DataLoader queue costs a file-descriptor hand-over (a socket connection with an
+    authentication round trip, ~0.7 ms in the receiver) and a new mapping there. A buffer is sent
+    once, with its first batch; later batches in it travel as a small ``(ring, index)`` reference
+    that :class:`TrainLoader` resolves to the mapping it kept. A buffer comes round again only after
+    ``slots`` more batches of this worker: more than the DataLoader can have in flight for it (at
+    most ``PREFETCH_FACTOR`` x workers tasks, all on one worker once the others have finished), and
+    :class:`TrainLoader` copies every batch out of its buffer as it receives it.
+    """
+
+    def __init__(self, size: int, image_size: int, workers: int) -> None:
+        self.shapes = {"image": ((size, 3, image_size, image_size), torch.uint8),
+                       "mask": ((size, 1, image_size, image_size), torch.uint8), "box": ((size, 2), torch.int64)}
+        self.slots: list[dict[str, torch.Tensor]] = [{} for _ in range(PREFETCH_FACTOR * workers + 2)]
+        self.name = f"{os.getpid()}-{id(self)}"
+        self.turn = 0
+
+    def next(self) -> tuple[tuple[str, int], dict[str, torch.Tensor], bool]:
+        """(reference, tensors, whether they are new): the next buffer in turn."""
+        index = self.turn % len(self.slots)
+        self.turn += 1
+        slot, new = self.slots[index], not self.slots[index]
+        if new:  # allocated on first use, so a short share never maps the whole ring
+            slot.update({name: _batch_tensor(shape, dtype) for name, (shape, dtype) in self.shapes.items()})
+        return (self.name, index), slot, new
+
+
 class _Batch:
     """A batch being assembled: each sample is copied in as soon as it is made (still in cache)."""
 
-    def __init__(self, size: int, image_size: int, epoch: int) -> None:
-        self.image = _batch_tensor((size, 3, image_size, image_size), torch.uint8)
-        # uint8 0/1: a quarter of float32's bytes to fill per sample and to pass between processes.
-        self.mask = _batch_tensor((size, 1, image_size, image_size), torch.uint8)
-        self.box = _batch_tensor((size, 2), torch.int64)
+    def __init__(self, size: int, image_size: int, epoch: int, ring: _SlotRing | None = None) -> None:
+        if ring is None:
+            self.reference, self.send, slot = None, True, {
+                "image": _batch_tensor((size, 3, image_size, image_size), torch.uint8),
+                # uint8 0/1: a quarter of float32's bytes to fill per sample and to pass between processes.
+                "mask": _batch_tensor((size, 1, image_size, image_size), torch.uint8),
+                "box": _batch_tensor((size, 2), torch.int64)}
+        else:
+            self.reference, slot, self.send = ring.next()
+        self.image, self.mask, self.box = slot["image"], slot["mask"], slot["box"]
         # numpy views of the same memory, written per sample: numpy's row writes cost a
         # quarter of torch's. Images as (B, S, S, 3): channels-last is NHWC in memory.
         self.image_rows = self.image.permute(0, 2, 3, 1).numpy()
@@ -286,8 +327,11 @@ class _Batch:
 
     def as_dict(self) -> dict:
         lost = [planned for planned, key in zip(self.planned, self.keys) if key != planned]
-        return {"image": self.image, "mask": self.mask, "box": self.box, "key": self.keys, "epoch": self.epoch,
-                "skipped": lost}
+        out = {"key": self.keys, "epoch": self.epoch, "skipped": lost}
+        tensors = {"image": self.image, "mask": self.mask, "box": self.box}
+        if self.reference is None:
+            return {**tensors, **out}
+        return {**out, "slot": self.reference, "tensors": tensors if self.send else None}
 
 
 _DRAWS_CHUNK = 1024  # samples whose draws are made at once
@@ -326,6 +370,8 @@ class _EpochShare(IterableDataset):
 
     def _batches(self, share: WorkerShare) -> Iterator[dict]:
         batch_size, epoch = self.batch_size, self.epoch
+        info = get_worker_info()
+        ring = _SlotRing(batch_size, self.image_size, info.num_workers) if info is not None else None
         ids = share.samples[share.done * batch_size:]
         batches: deque[_Batch] = deque()  # more than one only while a lost sample awaits its replacement
         waiting: list[tuple[_Batch, int, SampleDraws]] = []  # rows whose sample was lost
@@ -333,7 +379,7 @@ class _EpochShare(IterableDataset):
             if position % _DRAWS_CHUNK == 0:
                 chunk = SampleDraws.of_samples(self.seed, epoch, ids[position:position + _DRAWS_CHUNK])
             if not batches or len(batches[-1].planned) == batch_size:
-                batches.append(_Batch(batch_size, self.image_size, epoch))
+                batches.append(_Batch(batch_size, self.image_size, epoch, ring))
             batch = batches[-1]
             row = len(batch.planned)
             batch.planned.append(planned)
@@ -411,12 +457,32 @@ class TrainLoader:
         dataset = _EpochShare(_SplitReader(self.index, self.split, self.storage_options), shares,
                               self._consumed % self.structure.workers, self.epoch, self.data_cfg.seed,
                               self.structure.batch_size, self.image_size, self.sampler)
-        return iter(DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=self.data_cfg.num_workers,
-                               pin_memory=self.pin_memory, persistent_workers=False))
+        workers = self.data_cfg.num_workers
+        # With workers, batches are pinned as they are copied out of the workers' buffers (_received).
+        return iter(DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=workers,
+                               pin_memory=self.pin_memory and not workers, persistent_workers=False,
+                               prefetch_factor=PREFETCH_FACTOR if workers else None))
+
+    def _received(self, batch: dict, buffers: dict) -> dict:
+        """A worker's batch copied out of its reusable buffer (see :class:`_SlotRing`) into memory of
+        this process's own, pinned if asked (and possible). ``buffers`` keeps every buffer a worker
+        has sent, by reference, for the batches that come back in it."""
+        if "slot" not in batch:
+            return batch
+        reference, tensors = batch.pop("slot"), batch.pop("tensors")
+        if tensors is not None:
+            buffers[reference] = tensors
+        pin = self.pin_memory and torch.cuda.is_available()
+        for name, source in buffers[reference].items():
+            copy = torch.empty_strided(source.shape, source.stride(), dtype=source.dtype, pin_memory=pin)
+            batch[name] = copy.copy_(source)
+        return batch
 
     def __iter__(self) -> Iterator[dict]:
         while True:
-            for batch in self._epoch_batches():
+            buffers: dict = {}  # the current epoch's workers' buffers
+            for received in self._epoch_batches():
+                batch = self._received(received, buffers)
                 lost = batch.pop("skipped")
                 if lost:
                     self.skipped += len(lost)
