@@ -13,7 +13,10 @@ disturb them less than wall time would; they are the best of the rounds.
 Target: the full loader >= 80% of the faster decode. On a machine whose speed drifts over
 seconds, the best-of rates can come from different spells, so the ratio is also taken within
 each round (runs seconds apart) and its median printed. With --workers N the loader also runs
-with N DataLoader processes (wall-clock samples/s, divided by N; each pass starts its workers).
+with N DataLoader processes, in the same rounds: wall-clock samples/s divided by N over the
+whole pass (each pass starts its workers), the same after the first batch (steady state), and
+per CPU-second of the worker processes in steady state (read from /proc), each against the
+in-process loader's rate of the same round. Target: >= 80% of the in-process rate per worker core.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -93,6 +97,63 @@ def loader_pass(url: str, batches: int, args: argparse.Namespace, sampler, worke
         next(iterator)
 
 
+def _children_cpu_s() -> float:
+    """CPU seconds used so far by this process's live child processes (the DataLoader workers)."""
+    me, total, tick = os.getpid(), 0.0, os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def worker_pass(url: str, batches: int, batch_size: int, image_size: int, sampler, workers: int) -> dict:
+    """One pass with ``workers`` DataLoader processes: wall seconds of the whole pass and of the
+    batches after the first, and the workers' CPU seconds over the latter."""
+    data = DataConfig(url=url, batch_size=batch_size, num_workers=workers)
+    start = time.perf_counter()
+    iterator = iter(TrainLoader(load_index(url), data, image_size, sampler))
+    next(iterator)
+    first, cpu = time.perf_counter(), _children_cpu_s()
+    for _ in range(batches - 1):
+        next(iterator)
+    end, cpu_end = time.perf_counter(), _children_cpu_s()
+    del iterator
+    return {"wall_s": end - start, "steady_wall_s": end - first, "steady_worker_cpu_s": cpu_end - cpu}
+
+
+def worker_ratios(url: str, batches: int, batch_size: int, image_size: int, sampler, workers: int,
+                  repeats: int) -> dict:
+    """In-process loader (per CPU-second) against ``workers`` processes, interleaved in ``repeats``
+    rounds; the ratios per worker core are medians of the per-round ratios."""
+    samples = batches * batch_size
+    rounds = []
+    for _ in range(repeats):
+        data = DataConfig(url=url, batch_size=batch_size, num_workers=0)
+        start = time.process_time()
+        iterator = iter(TrainLoader(load_index(url), data, image_size, sampler))
+        for _ in range(batches):
+            next(iterator)
+        in_process = samples / (time.process_time() - start)
+        del iterator
+        p = worker_pass(url, batches, batch_size, image_size, sampler, workers)
+        steady = samples - batch_size
+        rounds.append({"in_process": in_process, "wall_per_worker": samples / p["wall_s"] / workers,
+                       "steady_wall_per_worker": steady / p["steady_wall_s"] / workers,
+                       "steady_per_worker_cpu_s": steady / max(p["steady_worker_cpu_s"], 1e-9)})
+    out = {"workers": workers, "samples_per_pass": samples, "rounds": rounds}
+    for key in ("wall_per_worker", "steady_wall_per_worker", "steady_per_worker_cpu_s"):
+        out[key] = statistics.median(r[key] for r in rounds)
+        out[f"{key}_ratio"] = statistics.median(r[key] / r["in_process"] for r in rounds)
+    out["in_process"] = statistics.median(r["in_process"] for r in rounds)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000)
@@ -131,11 +192,9 @@ def main() -> None:
             "loader": (lambda: loader_pass(url, batches, args, sampler, 0), samples, cpu),
             "loader with a fixed mask": (lambda: loader_pass(url, batches, args, FixedMask(sampler), 0), samples, cpu),
         }
-        if args.workers:
-            actions[f"loader, {args.workers} workers, wall / {args.workers}"] = (
-                lambda: loader_pass(url, batches, args, sampler, args.workers), samples / args.workers,
-                time.perf_counter)
         times = time_rounds(actions, args.repeats)
+        workers = (worker_ratios(url, batches, args.batch_size, args.image_size, sampler, args.workers, args.repeats)
+                   if args.workers else None)
 
     mean_kib = sum(map(len, blobs)) / len(blobs) / 1024
     print(f"{len(blobs)} JPEGs {CELEBA_SIZE[0]}x{CELEBA_SIZE[1]} ({mean_kib:.1f} KiB mean), image_size "
@@ -149,6 +208,16 @@ def main() -> None:
     print(f"loader / faster decode, per round: {' '.join(f'{r:.0%}' for r in ratios)}; "
           f"median {statistics.median(ratios):.0%} (target >= 80%)")
     print(f"loader / bare decode operator, median per round: {statistics.median(bare):.0%}")
+    if workers:
+        n = workers["workers"]
+        print(f"loader with {n} worker processes against in-process ({workers['in_process']:.0f} samples/s per "
+              f"CPU-second), medians of {args.repeats} interleaved rounds, {workers['samples_per_pass']} samples a pass:")
+        for key, label in (("steady_per_worker_cpu_s", "per worker CPU-second, steady state"),
+                           ("steady_wall_per_worker", f"wall / {n}, steady state (after the first batch)"),
+                           ("wall_per_worker", f"wall / {n}, whole pass (workers start each pass)")):
+            print(f"  {label:<48} {workers[key]:8.0f} samples/s  {workers[key + '_ratio']:.0%} of in-process")
+        print(f"per worker core: {workers['steady_per_worker_cpu_s_ratio']:.0%} (target >= 80%); on a machine with no "
+              f"more cores than workers the consumer shares their cores, which the wall-clock rows include")
 
 
 if __name__ == "__main__":
