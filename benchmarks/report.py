@@ -50,20 +50,33 @@ def _speedups(results: dict[str, Any]) -> str:
 def _comparison(c: dict[str, Any]) -> str:
     if "skipped" in c:
         return c["skipped"]
-    ours, published = c["glcic_pytorch_parameters"], c["glcic_pytorch_published_parameters"]
+    theirs, published = c["glcic_pytorch_parameters"], c["glcic_pytorch_published_parameters"]
+    ours = c.get("glcic_recipe_parameters", {})
     lines = [(f"{c['image_size']} px, patch {c['local_size']}, batch {c['batch']}; GLCIC-PyTorch rebuilt: "
-              f"G {ours['generator'] / 1e6:.2f} M / D {ours['discriminator'] / 1e6:.2f} M parameters "
-              f"(published {published['generator'] / 1e6:.1f} M / {published['discriminator'] / 1e6:.1f} M)")]
-    rows = [[phase, e["glcic_pytorch"]["images_per_s"], e["glcic"]["images_per_s"], e["glcic"]["speedup"],
-             e["celeba"]["images_per_s"], e["celeba"]["time_ratio"], e["glcic_fp32"]["images_per_s"],
-             e["glcic_fp32"]["speedup"]] for phase, e in c["phases"].items()]
-    lines.append(_table(["phase", "GLCIC-PyTorch img/s", "glcic img/s", "glcic speed-up", "celeba img/s",
-                         "celeba time / GLCIC-PyTorch", "glcic fp32 img/s", "glcic fp32 speed-up"], rows,
-                        text_columns=1))
+              f"G {theirs['generator'] / 1e6:.2f} M / D {theirs['discriminator'] / 1e6:.2f} M parameters "
+              f"(published {published['generator'] / 1e6:.1f} M / {published['discriminator'] / 1e6:.1f} M); "
+              f"our glcic recipe: G {ours.get('generator', 0) / 1e6:.2f} M / D {ours.get('discriminator', 0) / 1e6:.2f} M"
+              f"; ours run with {' '.join(c.get('settings', []))}")]
+    suffixes = [s for s in ("", "_fp32") if all(f"glcic{s}" in e for e in c["phases"].values())]
+    header = ["phase", "GLCIC-PyTorch img/s"]
+    for s in suffixes:
+        label = " fp32" if s else ""
+        header += [f"glcic{label} img/s", f"glcic{label} speed-up", f"celeba{label} img/s",
+                   f"celeba{label} time / GLCIC-PyTorch"]
+    rows = []
+    for phase, e in c["phases"].items():
+        row = [phase, e["glcic_pytorch"]["images_per_s"]]
+        for s in suffixes:
+            row += [e[f"glcic{s}"]["images_per_s"], e[f"glcic{s}"]["speedup"], e[f"celeba{s}"]["images_per_s"],
+                    e[f"celeba{s}"]["time_ratio"]]
+        rows.append(row)
+    lines.append(_table(header, rows, text_columns=1))
     t = c["targets"]
-    lines.append(f"targets: glcic >= {t['glcic_speedup_min']}x in every phase: {_verdict(t['glcic_speedup_met'])}; "
-                 f"celeba joint time <= {t['celeba_joint_time_ratio_max']}x: "
-                 f"{_verdict(t['celeba_joint_time_ratio_met'])}")
+    for s in suffixes:
+        label = " (fp32)" if s else ""
+        lines.append(f"targets{label}: glcic >= {t['glcic_speedup_min']}x in every phase: "
+                     f"{_verdict(t[f'glcic_speedup{s}_met'])}; celeba joint time <= "
+                     f"{t['celeba_joint_time_ratio_max']}x: {_verdict(t[f'celeba_joint_time_ratio{s}_met'])}")
     return "\n".join(lines)
 
 
@@ -115,6 +128,40 @@ def _precision(p: dict[str, Any]) -> str:
             f"(relative {p['max_rel_diff']:.2g})")
 
 
+def _contextual(c: dict[str, Any]) -> str:
+    if "skipped" in c:
+        return c["skipped"]
+    rows = [[variant, c["seconds"][variant], c["peak_mib"][variant]] for variant in c["seconds"]]
+    t = c["targets"]
+    return (f"features {tuple(c['shape'])} fp32 on {c['device']}, forward + backward, {c['threads']} threads, "
+            f"medians of {c['repeats']} interleaved runs; peak memory in a fresh subprocess per variant\n"
+            + _table(["variant", "median s", "peak MiB"], rows, text_columns=1)
+            + f"\nours / port: time {c['port_time_fraction']:.3f} (target <= {t['port_time_fraction_max']:g}: "
+              f"{_verdict(c['port_time_fraction'] <= t['port_time_fraction_max'])}), peak memory "
+              f"{c['port_memory_fraction']:.3f} (target <= {t['port_memory_fraction_max']:g}: "
+              f"{_verdict(c['port_memory_fraction'] <= t['port_memory_fraction_max'])}); losses equal our "
+              f"reference's to {c['max_loss_diff']:.2g}")
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _loader(d: dict[str, Any]) -> str:
+    if "skipped" in d:
+        return d["skipped"]
+    n, ratio = d["workers"], d["steady_per_worker_cpu_s_ratio"]
+    rows = [[label, d[key], _percent(d[key + "_ratio"])] for key, label in (
+        ("steady_per_worker_cpu_s", "per worker CPU-second, steady state"),
+        ("steady_wall_per_worker", f"wall / {n}, steady state"),
+        ("wall_per_worker", f"wall / {n}, whole pass (workers start each pass)"))]
+    return (f"{n} workers, batch {d['batch']}, {d['image_size']} px, {d['samples_per_pass']} samples a pass; "
+            f"in-process {d['in_process']:.0f} samples/s per CPU-second (medians of per-round figures)\n"
+            + _table(["measure", "samples/s", "of in-process"], rows, text_columns=1)
+            + f"\nper worker core: {_percent(ratio)} (target >= {d['target_ratio']:.0%}: "
+              f"{_verdict(None if ratio is None else ratio >= d['target_ratio'])})")
+
+
 def _projection(p: dict[str, Any]) -> str:
     if "skipped" in p:
         return p["skipped"]
@@ -132,6 +179,7 @@ def render(results: dict[str, Any]) -> str:
     options = meta["options"]
     head = (f"{meta['date']}  {device['name']} ({device['type']}, {device['logical_cpus']} logical CPUs, "
             f"{device['torch_threads']} torch threads, native bf16: {device['native_bf16']})  torch {meta['torch']}\n"
+            f"CPU detected: {device.get('cpu_line', '-')}\n"
             f"command: {meta['command']}\nmedians of {options['steps']} timed steps after {options['warmup']} "
             f"warm-up, workloads of a group interleaved; load average (1, 5, 15 min) at start "
             f"{meta['load_average']}, at end {meta.get('load_average_end')}, {meta['wall_s']:.0f} s in all")
@@ -143,6 +191,8 @@ def render(results: dict[str, Any]) -> str:
         ("DDP scaling on this machine", _ddp(results["ddp"])),
         ("Code changes of this benchmark's issue, each alone (interleaved)", _changes(results["code_changes"])),
         ("Contextual loss with bf16 VGG16 features", _precision(results["contextual_precision"])),
+        ("Contextual loss against S-aiueo32's port", _contextual(results["contextual_loss"])),
+        ("Training loader in worker processes", _loader(results["loader_workers"])),
         ("Optimisation ladder (GPU: bf16 / channels_last / torch.compile)", _ladder(results["ladder"])),
         ("Projection: the paper's schedule with the optimized step", _projection(results["projection"])),
     ]

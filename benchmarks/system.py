@@ -55,7 +55,8 @@ from tqdm import tqdm
 from benchmarks.glcic_pytorch import GlcicPytorchStep
 from inpaint import recipes
 from inpaint.config import Config, ConfigError, DataConfig, apply_overrides
-from inpaint.data import make_train_loader, pack_dataset
+from inpaint.data import load_index, make_train_loader, pack_dataset
+from inpaint.hardware import describe_cpu, describe_cpu_line, native_bf16
 from inpaint.losses import contextual_loss, contextual_loss_reference
 from inpaint.models import build_discriminator
 from inpaint.models import discriminator as discriminator_module
@@ -97,6 +98,9 @@ class Options:
     gpu_hour_price: float = 2.5
     scaling_efficiency: float = 0.9
     images: int = 96  # JPEGs in the benchmark's dataset
+    contextual: tuple[int, int, int, int] = (12, 256, 40, 40)  # features of the contextual-loss comparison
+    loader_workers: int = 2  # DataLoader processes of the loader comparison; 0 skips it
+    loader_images: int = 3000
 
     def check(self) -> None:
         """Raise ConfigError on values that cannot be measured."""
@@ -105,6 +109,11 @@ class Options:
         unknown = [p for p in self.phases if p not in PHASES]
         if unknown or not self.phases:
             raise ConfigError(f"--phases: choose from {', '.join(PHASES)}, got {', '.join(self.phases) or 'none'}")
+        if self.loader_workers < 0 or (self.loader_workers and self.loader_images < 64 * self.loader_workers):
+            raise ConfigError(f"--loader-workers / --loader-images: need workers >= 0 and >= 64 images per worker, "
+                              f"got {self.loader_workers} and {self.loader_images}")
+        if len(self.contextual) != 4 or min(self.contextual) < 1 or self.contextual[2] != self.contextual[3]:
+            raise ConfigError(f"--contextual-size: expected BATCH,CHANNELS,SIDE,SIDE, got {list(self.contextual)}")
         for flag, value, low in (("--warmup", self.warmup, 0), ("--steps", self.steps, 1),
                                  ("--ddp-steps", self.ddp_steps, 1), ("--images", self.images, 16)):
             if value < low:
@@ -130,29 +139,13 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"--device {name}: {exc}") from None
 
 
-def _cpu_info() -> dict[str, Any]:
-    """CPU model and flags from /proc/cpuinfo (Linux); empty elsewhere."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {"model": platform.processor() or "unknown", "flags": set()}
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    return {"model": fields.get("model name", "unknown"), "flags": set(fields.get("flags", "").split())}
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the device multiplies bf16 in hardware (CUDA Ampere+, or CPU AMX / AVX512-BF16)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool({"amx_bf16", "avx512_bf16"} & _cpu_info()["flags"])
-
-
 def describe_device(device: torch.device) -> dict[str, Any]:
-    """Name, cores and peak TFLOPS (None where unknown) of the measured device."""
-    cpu = _cpu_info()
+    """Name, cores, what the CPU computes natively (and the defaults it sets), peak TFLOPS (None
+    where unknown) of the measured device."""
+    cpu = describe_cpu()
     info = {"type": device.type, "cpu_model": cpu["model"], "logical_cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "native_bf16": native_bf16(device)}
+            "torch_threads": torch.get_num_threads(), "native_bf16": native_bf16(device), "cpu": cpu,
+            "cpu_line": describe_cpu_line()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu["model"]
     peak = next(((bf16, fp32) for key, bf16, fp32 in PEAK_TFLOPS if device.type == "cuda" and key in name), None)
     info.update(name=name, peak_tflops_bf16=peak[0] if peak else None, peak_tflops_fp32=peak[1] if peak else None)
@@ -194,9 +187,10 @@ class Workload:
 
 
 def optimized_settings(device: torch.device) -> tuple[str, ...]:
-    """The trainer's fast path on this device: bf16 + channels_last where bf16 is native."""
-    bf16 = native_bf16(device)
-    return (f"runtime.bf16={str(bf16).lower()}", "runtime.channels_last=true")
+    """The trainer's defaults on this device (inpaint.hardware): bf16 + channels_last where bf16 is
+    native, else fp32 + NCHW; spelled out so that the record says what ran."""
+    native = str(native_bf16(device)).lower()
+    return (f"runtime.bf16={native}", f"runtime.channels_last={native}")
 
 
 STRAIGHTFORWARD_SETTINGS = ("runtime.bf16=false", "runtime.channels_last=false")
@@ -213,7 +207,9 @@ def reference_contextual_loss(x_feat, y_feat, band_width: float, eps: float, chu
 
 def unfused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The same optimizer with PyTorch's default (foreach) implementation instead of the fused one."""
-    settings = {**optimizer.defaults, "fused": None, "foreach": None}
+    settings = {**optimizer.defaults, "foreach": None}
+    if "fused" in settings:  # Adam has a fused form; Adadelta has none (its default is already this)
+        settings["fused"] = None
     return type(optimizer)(optimizer.param_groups[0]["params"], **settings)
 
 
@@ -472,19 +468,30 @@ def speedups(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+FP32_SETTINGS = ("runtime.bf16=false", "runtime.channels_last=false")
+
+
 def comparison(options: Options, device: torch.device, url: str, info: dict) -> dict[str, Any]:
     """GLCIC-PyTorch next to our glcic and celeba recipes, same size, batch and batches, interleaved.
 
-    ``glcic_fp32`` is our glcic recipe with bf16 off: what a device without fast bf16 would get.
+    Ours run with this device's defaults (``optimized_settings``). Where those use bf16, ``glcic_fp32``
+    and ``celeba_fp32`` run too: what a device without native bf16 gets (GLCIC-PyTorch is fp32).
     """
     image, local, batch = options.compare_size
     size = size_settings(image, local, batch)
     ours = {r: Workload(f"{r}/{OPTIMIZED}@{image}", r, OPTIMIZED, optimized_settings(device) + size)
             for r in COMPARED_RECIPES}
-    ours["glcic_fp32"] = Workload(f"glcic/fp32@{image}", "glcic", OPTIMIZED,
-                                  ("runtime.bf16=false", "runtime.channels_last=true") + size)
+    if optimized_settings(device) != FP32_SETTINGS:
+        for r in COMPARED_RECIPES:
+            ours[f"{r}_fp32"] = Workload(f"{r}/fp32@{image}", r, OPTIMIZED, FP32_SETTINGS + size)
     theirs = Workload(f"{GLCIC_PYTORCH}@{image}", None, GLCIC_PYTORCH, size)
-    parameters = GlcicPytorchStep("cpu", image, local).parameter_counts()
+    parameters = GlcicPytorchStep("meta", image, local).parameter_counts()
+    glcic_model = ours["glcic"].config("joint").model
+    with torch.device("meta"):
+        from inpaint.models import build_generator, count_parameters
+
+        ours_parameters = {"generator": count_parameters(build_generator(glcic_model)),
+                           "discriminator": count_parameters(build_discriminator(glcic_model))}
     phases: dict[str, Any] = {}
     for phase in options.phases:
         flops = {(w, phase): count_flops(w, phase, device, options, url) for w in (theirs, *ours.values())}
@@ -498,15 +505,17 @@ def comparison(options: Options, device: torch.device, url: str, info: dict) -> 
             entry[key] = {**_brief(mine), "speedup": mine["images_per_s"] / baseline["images_per_s"],
                           "time_ratio": mine["step_s_median"] / baseline["step_s_median"]}
         phases[phase] = entry
-    targets = {
-        "glcic_speedup_min": TARGET_GLCIC_SPEEDUP,
-        "glcic_speedup_met": all(p["glcic"]["speedup"] >= TARGET_GLCIC_SPEEDUP for p in phases.values()),
-        "celeba_joint_time_ratio_max": TARGET_CELEBA_JOINT_TIME,
-        "celeba_joint_time_ratio_met": (phases["joint"]["celeba"]["time_ratio"] <= TARGET_CELEBA_JOINT_TIME
-                                        if "joint" in phases else None),
-    }
+    targets = {"glcic_speedup_min": TARGET_GLCIC_SPEEDUP, "celeba_joint_time_ratio_max": TARGET_CELEBA_JOINT_TIME}
+    for suffix in ("", "_fp32"):
+        if f"glcic{suffix}" not in ours:
+            continue
+        targets[f"glcic_speedup{suffix}_met"] = all(p[f"glcic{suffix}"]["speedup"] >= TARGET_GLCIC_SPEEDUP
+                                                    for p in phases.values())
+        targets[f"celeba_joint_time_ratio{suffix}_met"] = (
+            phases["joint"][f"celeba{suffix}"]["time_ratio"] <= TARGET_CELEBA_JOINT_TIME if "joint" in phases else None)
     return {"image_size": image, "local_size": local, "batch": batch, "glcic_pytorch_parameters": parameters,
             "glcic_pytorch_published_parameters": {"generator": 6.1e6, "discriminator": 39.6e6},
+            "glcic_recipe_parameters": ours_parameters, "settings": list(optimized_settings(device)),
             "phases": phases, "targets": targets}
 
 
@@ -652,6 +661,48 @@ def contextual_precision(device: torch.device, batch: int = 4, size: int = 160) 
             "max_rel_diff": (diff / losses["float32"].abs()).max().item()}
 
 
+def contextual_vs_port(options: Options, device: torch.device) -> dict[str, Any]:
+    """Our contextual loss, fwd + bwd, against S-aiueo32's port (and our reference): time and peak
+    memory, interleaved, memory in fresh subprocesses (``benchmarks.contextual_loss``)."""
+    from benchmarks import contextual_loss as cx
+
+    if device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
+        return {"skipped": "CPU peak memory is read from Linux's /proc/self/clear_refs, absent here"}
+    batch, channels, size, _ = options.contextual
+    args = cx.parse_args(["--device", device.type, "--batch", str(batch), "--channels", str(channels),
+                          "--size", str(size), "--repeats", str(max(3, options.steps)),
+                          "--threads", str(torch.get_num_threads())])
+    return cx.measure(args)
+
+
+def loader_in_workers(options: Options) -> dict[str, Any]:
+    """The training loader with ``loader_workers`` processes against in-process, per worker core."""
+    if not options.loader_workers:
+        return {"skipped": "--loader-workers 0"}
+    from benchmarks.loader import make_jpegs, worker_ratios
+    from inpaint.config import MaskConfig
+    from inpaint.masks import MaskSampler
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each DataLoader worker runs
+    try:
+        with tempfile.TemporaryDirectory(prefix="inpaint-loader-") as tmp:
+            source, url = Path(tmp) / "jpegs", str(Path(tmp) / "shards")
+            source.mkdir()
+            make_jpegs(source, options.loader_images)
+            pack_dataset("folder", source, url, shard_size=max(8, options.loader_images // 12), test_fraction=0.01,
+                         progress=False)
+            batch = 32
+            train = sum(1 for _ in load_index(url).keys("train"))
+            batches = train // (batch * options.loader_workers) * options.loader_workers
+            sampler = MaskSampler(MaskConfig(), 160, 96)
+            out = worker_ratios(url, batches, batch, 160, sampler, options.loader_workers, max(2, options.steps))
+    finally:
+        torch.set_num_threads(threads)
+    out.update(batch=batch, image_size=160, target_ratio=0.8)
+    return out
+
+
 def projection(records: list[dict[str, Any]], options: Options, info: dict,
                ddp: dict[str, Any] | None) -> dict[str, Any]:
     """Wall time and cost of the paper's schedule with the optimized step of celeba (else another recipe)."""
@@ -713,6 +764,8 @@ def run(options: Options, command: str = "") -> dict[str, Any]:
         results["ladder"] = ladder(options, device, url, info)
         results["code_changes"] = code_changes(options, device, url)
     results["contextual_precision"] = contextual_precision(device)
+    results["contextual_loss"] = contextual_vs_port(options, device)
+    results["loader_workers"] = loader_in_workers(options)
     if options.ddp_workers:
         from benchmarks.ddp_scaling import ddp_scaling
 

@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 # The profiler's tracer logs an error line per profile on machines without a GPU; keep only fatal ones.
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
-QUICK = {"recipes": ("debug",), "warmup": 1, "steps": 2, "compare_size": (64, 32, 2), "ddp_workers": (1, 2),
-         "ddp_steps": 2, "ladder_recipes": ("debug",), "images": 32}
+QUICK = {"recipes": ("debug",), "warmup": 1, "steps": 2, "compare_size": (64, 64, 2), "ddp_workers": (1, 2),
+         "ddp_steps": 2, "ladder_recipes": ("debug",), "images": 32, "contextual": (2, 32, 16, 16),
+         "loader_images": 160}
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -60,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-hour-price", type=float, help="USD per device-hour for the projection (default 2.5)")
     parser.add_argument("--scaling-efficiency", type=float, help="8-device efficiency assumed (default 0.9)")
     parser.add_argument("--images", type=int, help="JPEGs in the benchmark dataset (default 96)")
+    parser.add_argument("--contextual-size", dest="contextual", type=_ints, metavar="B,C,H,W",
+                        help="features of the contextual-loss comparison (default 12,256,40,40)")
+    parser.add_argument("--loader-workers", type=int, help="DataLoader processes of the loader comparison, "
+                                                           "0 skips it (default 2)")
+    parser.add_argument("--loader-images", type=int, help="JPEGs of the loader comparison (default 3000)")
     parser.add_argument("--output", type=Path, default=Path("out/benchmark/system.json"))
     return parser
 

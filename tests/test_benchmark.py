@@ -31,8 +31,9 @@ def test_quick_run_writes_json_and_table_with_positive_figures(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(output.read_text())
     assert {"meta", "steps", "speedups", "allreduce_bytes", "comparison", "ladder", "code_changes",
-            "contextual_precision", "ddp", "projection"} <= set(data)
-    assert output.with_suffix(".txt").read_text().count("## ") == 9
+            "contextual_precision", "contextual_loss", "loader_workers", "ddp", "projection"} <= set(data)
+    table = output.with_suffix(".txt").read_text()
+    assert table.count("## ") == 11 and "CPU detected:" in table and "native bf16" in table
 
     steps = data["steps"]
     assert {(s["variant"], s["phase"]) for s in steps} == {
@@ -64,6 +65,15 @@ def test_quick_run_writes_json_and_table_with_positive_figures(tmp_path):
     assert precision["max_abs_diff"] >= 0 and len(precision["loss_bf16"]) == 4
     assert set(data["ladder"]["debug"]["joint"]) == {"straightforward", "+fused CX and Adam, no denormals",
                                                      "+channels_last", "+bf16 autocast"}
+    cx = data["contextual_loss"]
+    assert set(cx["seconds"]) == {"port", "reference", "contextual_loss"} and all(v > 0 for v in cx["seconds"].values())
+    assert cx["port_time_fraction"] > 0 and cx["port_memory_fraction"] > 0 and cx["max_loss_diff"] < 1e-4
+    loader = data["loader_workers"]
+    assert loader["workers"] == 2 and loader["in_process"] > 0
+    assert loader["steady_wall_per_worker_ratio"] > 0 and loader["wall_per_worker_ratio"] > 0
+    assert loader["steady_per_worker_cpu_s_ratio"] is None or loader["steady_per_worker_cpu_s_ratio"] > 0
+    comparison = data["comparison"]
+    assert comparison["glcic_recipe_parameters"]["generator"] > 0
     one, eight = data["projection"]["devices"]["1"], data["projection"]["devices"]["8"]
     assert one["hours"] > 0 and eight["hours"] == pytest.approx(one["hours"] / (8 * 0.9))
     assert one["cost"] == pytest.approx(one["hours"] * 2.5)
