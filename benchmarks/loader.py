@@ -143,13 +143,16 @@ def worker_ratios(url: str, batches: int, batch_size: int, image_size: int, samp
         del iterator
         p = worker_pass(url, batches, batch_size, image_size, sampler, workers)
         steady = samples - batch_size
+        # /proc counts CPU time in clock ticks (10 ms): a shorter steady state cannot be read.
+        cpu = p["steady_worker_cpu_s"]
         rounds.append({"in_process": in_process, "wall_per_worker": samples / p["wall_s"] / workers,
                        "steady_wall_per_worker": steady / p["steady_wall_s"] / workers,
-                       "steady_per_worker_cpu_s": steady / max(p["steady_worker_cpu_s"], 1e-9)})
+                       "steady_per_worker_cpu_s": steady / cpu if cpu >= 0.2 else None})
     out = {"workers": workers, "samples_per_pass": samples, "rounds": rounds}
     for key in ("wall_per_worker", "steady_wall_per_worker", "steady_per_worker_cpu_s"):
-        out[key] = statistics.median(r[key] for r in rounds)
-        out[f"{key}_ratio"] = statistics.median(r[key] / r["in_process"] for r in rounds)
+        known = [r for r in rounds if r[key] is not None]
+        out[key] = statistics.median(r[key] for r in known) if known else None
+        out[f"{key}_ratio"] = statistics.median(r[key] / r["in_process"] for r in known) if known else None
     out["in_process"] = statistics.median(r["in_process"] for r in rounds)
     return out
 
@@ -215,8 +218,12 @@ def main() -> None:
         for key, label in (("steady_per_worker_cpu_s", "per worker CPU-second, steady state"),
                            ("steady_wall_per_worker", f"wall / {n}, steady state (after the first batch)"),
                            ("wall_per_worker", f"wall / {n}, whole pass (workers start each pass)")):
+            if workers[key] is None:
+                print(f"  {label:<48} (pass too short to read the workers' CPU time)")
+                continue
             print(f"  {label:<48} {workers[key]:8.0f} samples/s  {workers[key + '_ratio']:.0%} of in-process")
-        print(f"per worker core: {workers['steady_per_worker_cpu_s_ratio']:.0%} (target >= 80%); on a machine with no "
+        ratio = workers["steady_per_worker_cpu_s_ratio"]
+        print(f"per worker core: {'-' if ratio is None else f'{ratio:.0%}'} (target >= 80%); on a machine with no "
               f"more cores than workers the consumer shares their cores, which the wall-clock rows include")
 
 
