@@ -41,7 +41,7 @@ from inpaint.baselines import BaselineError
 from inpaint.config import Config, ConfigError, ModelConfig
 from inpaint.data import DataError, iter_split, load_index
 from inpaint.checkpoint import checkpoint_urls, locate_checkpoint
-from inpaint.inference import Inpainter, InpaintError, fetch_checkpoint, load_generator
+from inpaint.inference import Inpainter, InpaintError, load_generator_model
 from inpaint.models import build_generator
 
 log = logging.getLogger("inpaint.evaluate")
@@ -49,6 +49,7 @@ log = logging.getLogger("inpaint.evaluate")
 DEFAULT_IMAGES = 128
 RAY_MIN_IMAGES = 2000  # below this, starting Ray costs more than it saves
 CLAIM_FILE = "CLAIM"
+UNLOADABLE_FILE = "UNLOADABLE"  # beside CLAIM: this checkpoint verifies but cannot be loaded; never retried
 CLAIM_TIMEOUT_S = 2 * 3600.0
 CLAIM_SETTLE_S = 2.0
 EVALUATIONS = "evaluations"
@@ -120,15 +121,17 @@ def _name(url: str) -> str:
 
 
 def load_subject(checkpoint_url: str) -> Subject:
-    """Copy a checkpoint's generator, config and meta to a temporary folder, verify and load them."""
-    with tempfile.TemporaryDirectory(prefix="inpaint-eval-") as tmp:
-        try:
-            local = fetch_checkpoint(checkpoint_url, tmp)
-        except FileNotFoundError:
-            raise ckpt.CheckpointError(f"{checkpoint_url}: incomplete or deleted checkpoint") from None
-        except Exception as exc:  # any client error: unreachable storage, bad credentials
-            raise storage.StorageError(f"{checkpoint_url}: cannot be read ({_reason(exc)})") from None
-        contents = load_generator(local)
+    """Copy a checkpoint's generator, config and meta to a temporary folder, verify and load them.
+
+    The weights are loaded into the generator its config describes, so that a checkpoint that
+    verifies but does not load fails here (UnloadableCheckpoint), before any data is read.
+    """
+    try:
+        _, contents = load_generator_model(checkpoint_url)
+    except ckpt.CheckpointError:
+        raise
+    except Exception as exc:  # any client error: unreachable storage, bad credentials
+        raise storage.StorageError(f"{checkpoint_url}: cannot be read ({_reason(exc)})") from None
     meta = contents.meta
     info = {"checkpoint": checkpoint_url, "step": meta.get("step"),
             "phase": meta.get("phase"), "samples_seen": meta.get("samples_seen"),
@@ -290,10 +293,20 @@ def evaluate_subject(subject: Subject, request: EvaluationRequest, output: str) 
     return EvaluationResult(output, document)
 
 
+def resolve_subject(url: str) -> tuple[str, Subject]:
+    """(checkpoint URL, loaded subject) of a checkpoint, or of a run folder's newest checkpoint that loads."""
+    url = storage.normalize(url)
+    try:
+        return ckpt.first_loadable(url, load_subject)
+    except ckpt.CheckpointError:
+        raise
+    except Exception as exc:  # any client error: unreachable storage, bad credentials
+        raise storage.StorageError(f"{url}: cannot be read ({_reason(exc)})") from None
+
+
 def evaluate_checkpoint(url: str, request: EvaluationRequest) -> EvaluationResult:
-    """Evaluate one checkpoint (or a run folder's latest) under the protocol."""
-    checkpoint_url = resolve_checkpoint(url)
-    subject = load_subject(checkpoint_url)
+    """Evaluate one checkpoint (or a run folder's newest that loads) under the protocol."""
+    checkpoint_url, subject = resolve_subject(url)
     output = storage.normalize(request.output) if request.output else storage.join(
         _parent(checkpoint_url), EVALUATIONS, _name(checkpoint_url))
     return evaluate_subject(subject, request, output)
@@ -305,8 +318,7 @@ def evaluate_baseline(name: str, request: EvaluationRequest, checkpoint: str | N
     subject = Subject({"baseline": name}, ModelConfig())
     output = storage.normalize(request.output) if request.output else None
     if checkpoint is not None:
-        checkpoint_url = resolve_checkpoint(checkpoint)
-        loaded = load_subject(checkpoint_url)
+        checkpoint_url, loaded = resolve_subject(checkpoint)
         subject = Subject({"baseline": name}, loaded.model, loaded.config)
         output = output or storage.join(_parent(checkpoint_url), EVALUATIONS, f"baseline-{name}")
     if output is None:
@@ -369,6 +381,7 @@ def release(folder: str) -> None:
 class WatchSummary:
     evaluated: list[str] = field(default_factory=list)  # checkpoint names, in order
     skipped: list[str] = field(default_factory=list)  # deleted before they could be evaluated
+    unloadable: list[str] = field(default_factory=list)  # verified but could not be loaded; marked, not retried
     polls: int = 0
     finished: bool = False
 
@@ -376,7 +389,9 @@ class WatchSummary:
         state = "run finished" if self.finished else "run not finished"
         return (f"watch: {state} after {self.polls} poll(s); evaluated {len(self.evaluated)} checkpoint(s)"
                 + (f": {', '.join(self.evaluated)}" if self.evaluated else "")
-                + (f"; skipped {len(self.skipped)} deleted: {', '.join(self.skipped)}" if self.skipped else ""))
+                + (f"; skipped {len(self.skipped)} deleted: {', '.join(self.skipped)}" if self.skipped else "")
+                + (f"; skipped {len(self.unloadable)} unloadable: {', '.join(self.unloadable)}"
+                   if self.unloadable else ""))
 
 
 def run_data_url(run_url: str) -> str:
@@ -405,6 +420,12 @@ def _evaluate_claimed(checkpoint_url: str, folder: str, request: EvaluationReque
     name = _name(checkpoint_url)
     try:
         subject = load_subject(checkpoint_url)
+    except ckpt.UnloadableCheckpoint as exc:
+        log.warning("skipping %s: %s", name, exc)
+        storage.write_text(storage.join(folder, UNLOADABLE_FILE), f"{exc}\n")
+        release(folder)
+        summary.unloadable.append(name)
+        return
     except (ckpt.CheckpointError, storage.StorageError) as exc:
         fs, path = storage.fsspec_filesystem(checkpoint_url)
         if fs.exists(f"{path}/{ckpt.META_FILE}"):
@@ -438,7 +459,7 @@ def watch(run_url: str, request: EvaluationRequest, *, interval: float | None = 
         for checkpoint_url, _ in checkpoints:
             folder = storage.join(run_url, EVALUATIONS, _name(checkpoint_url))
             fs, path = storage.fsspec_filesystem(folder)
-            if fs.exists(f"{path}/{ev.METRICS_FILE}"):
+            if fs.exists(f"{path}/{ev.METRICS_FILE}") or fs.exists(f"{path}/{UNLOADABLE_FILE}"):
                 continue
             if not claim(folder, owner, timeout_s=claim_timeout_s, settle_s=settle_s):
                 log.info("%s is claimed by another evaluator; leaving it", _name(checkpoint_url))

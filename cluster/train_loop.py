@@ -49,36 +49,95 @@ def _ddp_wrapper(device: torch.device, world_size: int):
     return lambda module: DistributedDataParallel(module, device_ids=device_ids)
 
 
-def restore_latest(trainer: Trainer, run: storage.RunPaths, registered: ray.train.Checkpoint | None, *,
-                   announce: bool) -> None:
-    """Load the newest complete checkpoint of the run, registered with Ray or not.
+RESTORE_ATTEMPTS = 3  # per rank, for the checkpoint rank 0 chose: transient read errors are retried
+REGISTERED = "<registered>"  # rank 0's choice when only Ray's own record of the checkpoint loads
+
+
+def _load_url(trainer: Trainer, url: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="inpaint-restore-") as scratch:
+        return trainer.load(storage.download_dir(url, scratch))
+
+
+def _load_registered(trainer: Trainer, registered: ray.train.Checkpoint) -> dict[str, Any]:
+    with registered.as_directory() as directory:
+        return trainer.load(directory)
+
+
+def choose_checkpoint(trainer: Trainer, run: storage.RunPaths,
+                      registered: ray.train.Checkpoint | None) -> tuple[str | None, dict[str, Any] | None]:
+    """Load the newest checkpoint of the run that loads; return (its URL or REGISTERED or None, its meta).
 
     Ray registers a reported checkpoint a moment after its upload, so a worker killed in that
     window leaves a complete folder in storage that Ray does not list. Our checkpoints are
     self-verifying (meta.json last, with sha256 of every file), so such a folder is safe to
-    resume from and saves a checkpoint interval of work; an incomplete one fails verification
-    and the next older one is tried.
+    resume from and saves a checkpoint interval of work. One that fails verification, or
+    verifies but does not load (UnloadableCheckpoint), is skipped with a warning and the next
+    older one is tried -- Ray's registered checkpoint included, so a corrupt checkpoint that Ray
+    registered does not end training. None of them loading means a fresh start.
     """
     registered_name = registered.path.rstrip("/").rsplit("/", 1)[-1] if registered is not None else None
-    for url, _ in reversed(checkpoint_urls(run.run)):  # newest step first
-        if url.rsplit("/", 1)[-1] == registered_name:
-            break  # from here on Ray's own record is as new; load it below
+    try:
+        listed = [url for url, _ in reversed(checkpoint_urls(run.run))]  # newest step first
+    except Exception as exc:  # storage unreachable right now: Ray's own record is still worth a try
+        log.warning("cannot list the checkpoints of %s (%s); trying Ray's registered checkpoint", run.run, exc)
+        listed = []
+    for url in listed:
         try:
-            with tempfile.TemporaryDirectory(prefix="inpaint-restore-") as scratch:
-                meta = trainer.load(storage.download_dir(url, scratch))
+            return url, _load_url(trainer, url)
         except (CheckpointError, storage.StorageError, OSError) as exc:
-            log.warning("skipping %s: %s", url, exc)
-            continue
-        if announce:
-            log.info("resumed from %s: step %d, phase %s, %d samples seen (not yet registered with Ray)",
-                     url, meta["step"], meta["phase"], meta["samples_seen"])
-        return
-    if registered is not None:
-        with registered.as_directory() as directory:
-            meta = trainer.load(directory)
-        if announce:
-            log.info("resumed from %s: step %d, phase %s, %d samples seen",
-                     registered.path, meta["step"], meta["phase"], meta["samples_seen"])
+            log.warning("skipping %s: %s", url, " ".join(str(exc).split()))
+    if registered is not None and registered_name not in {url.rsplit("/", 1)[-1] for url in listed}:
+        try:
+            return REGISTERED, _load_registered(trainer, registered)
+        except (CheckpointError, OSError) as exc:
+            log.warning("skipping Ray's registered checkpoint %s: %s", registered.path, " ".join(str(exc).split()))
+    if listed or registered is not None:
+        log.warning("no checkpoint of %s loads; starting from scratch", run.run)
+    return None, None
+
+
+def _broadcast(value: Any, world_size: int) -> Any:
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def restore_latest(trainer: Trainer, run: storage.RunPaths, registered: ray.train.Checkpoint | None, *,
+                   rank: int = 0, world_size: int = 1, announce: bool | None = None) -> str | None:
+    """Every rank resumes from the checkpoint rank 0 chose (see :func:`choose_checkpoint`); returns it.
+
+    Rank 0 picks and loads; the others load exactly that one (retrying transient read errors) or
+    fail, so that Ray restarts the group, rather than resume from another step. Ranks then check
+    that they agree on the step and samples seen before any training.
+    """
+    announce = rank == 0 if announce is None else announce
+    choice = meta = None
+    if rank == 0:
+        choice, meta = choose_checkpoint(trainer, run, registered)
+    choice = _broadcast(choice, world_size)
+    if rank != 0 and choice is not None:
+        for attempt in range(1, RESTORE_ATTEMPTS + 1):
+            try:
+                meta = _load_registered(trainer, registered) if choice == REGISTERED else _load_url(trainer, choice)
+                break
+            except (CheckpointError, storage.StorageError, OSError) as exc:
+                if attempt == RESTORE_ATTEMPTS:
+                    raise RuntimeError(f"rank {rank} cannot load {choice}, which rank 0 resumed from: {exc}") from None
+                log.warning("rank %d: reading %s failed (%s); retrying", rank, choice, exc)
+                time.sleep(attempt)
+    positions = [(trainer.step, trainer.samples_seen)]
+    if world_size > 1 and torch.distributed.is_initialized():
+        positions = [None] * world_size
+        torch.distributed.all_gather_object(positions, (trainer.step, trainer.samples_seen))
+    if len(set(positions)) != 1:
+        raise RuntimeError(f"ranks resumed at different (step, samples seen): {positions}")
+    if announce and meta is not None:
+        where = registered.path if choice == REGISTERED else choice
+        log.info("resumed from %s: step %d, phase %s, %d samples seen", where, meta["step"], meta["phase"],
+                 meta["samples_seen"])
+    return choice
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -93,7 +152,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
 
     trainer = Trainer(config, device=device, world_size=world_size, rank=rank)
-    restore_latest(trainer, run, ray.train.get_checkpoint(), announce=rank == 0)
+    restore_latest(trainer, run, ray.train.get_checkpoint(), rank=rank, world_size=world_size)
     trainer.wrap_models(_ddp_wrapper(device, world_size))
 
     if trainer.done:

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import fsspec
 import torch
@@ -43,9 +44,23 @@ TRAINER_FILE = "trainer.pt"
 FORMAT_VERSION = 1
 INFERENCE_FILES = (GENERATOR_FILE, CONFIG_FILE)
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete, corrupt or from an incompatible format."""
+
+
+class UnloadableCheckpoint(CheckpointError):
+    """A checkpoint whose files match its meta.json but that cannot be loaded (truncated weights
+    rehashed, a config edited to another model, a meta.json of the wrong shape). Unlike an
+    incomplete one it will not get better by waiting: skip it and use an older checkpoint."""
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return (text[:limit] or type(exc).__name__) if text else type(exc).__name__
 
 
 @dataclass
@@ -114,14 +129,29 @@ def save_checkpoint(
     return out
 
 
+def check_meta_shape(meta: Any, where: str) -> dict[str, Any]:
+    """``meta`` if it is a meta.json document of the right shape, else UnloadableCheckpoint."""
+    if not isinstance(meta, dict):
+        raise UnloadableCheckpoint(f"{where}: {META_FILE} is a {type(meta).__name__}, not an object")
+    files = meta.get("files", {})
+    if not isinstance(files, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+            for entry in files.values()):
+        raise UnloadableCheckpoint(f"{where}: {META_FILE} 'files' is not a map of name -> {{bytes, sha256}}")
+    if not isinstance(meta.get("step", 0), int) or isinstance(meta.get("step"), bool):
+        raise UnloadableCheckpoint(f"{where}: {META_FILE} 'step' is not an integer")
+    return meta
+
+
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / META_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: not a complete checkpoint (no {META_FILE})")
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({_one_line(exc)})") from None
+    return check_meta_shape(meta, str(directory))
 
 
 def verify_checkpoint(directory: str | os.PathLike, *, checksums: bool = True,
@@ -159,20 +189,31 @@ def load_checkpoint(directory: str | os.PathLike, *, weights_only: bool = False)
     """Load a verified checkpoint; ``weights_only`` reads (and needs) only the generator and config."""
     meta = verify_checkpoint(directory, files=INFERENCE_FILES if weights_only else None)
     root = Path(directory)
+    # From here on the files are the ones meta.json records: a failure is UnloadableCheckpoint.
     try:
         config = Config.from_dict(json.loads((root / CONFIG_FILE).read_text()))
-    except (OSError, ConfigError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{root / CONFIG_FILE}: invalid config ({exc})") from None
-    generator = load_file(str(root / GENERATOR_FILE))
+    except (OSError, ConfigError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnloadableCheckpoint(f"{root / CONFIG_FILE}: invalid config ({_one_line(exc)})") from None
+
+    def weights(name: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(root / name))
+        except Exception as exc:  # SafetensorError (truncated, garbage), OSError
+            raise UnloadableCheckpoint(f"{root / name}: unreadable weights ({_one_line(exc)})") from None
+
+    generator = weights(GENERATOR_FILE)
     discriminator = trainer = None
     if not weights_only:
         if (root / DISCRIMINATOR_FILE).is_file():
-            discriminator = load_file(str(root / DISCRIMINATOR_FILE))
+            discriminator = weights(DISCRIMINATOR_FILE)
         if (root / TRAINER_FILE).is_file():
             try:
                 trainer = torch.load(root / TRAINER_FILE, map_location="cpu", weights_only=True)
             except Exception as exc:  # an unpickling refusal is a corrupt or hostile file
-                raise CheckpointError(f"{root / TRAINER_FILE}: cannot be loaded safely ({exc})") from None
+                raise UnloadableCheckpoint(f"{root / TRAINER_FILE}: cannot be loaded safely "
+                                           f"({_one_line(exc)})") from None
+            if not isinstance(trainer, dict):
+                raise UnloadableCheckpoint(f"{root / TRAINER_FILE}: not a trainer state")
     return CheckpointContents(config=config, meta=meta, generator=generator,
                               discriminator=discriminator, trainer=trainer)
 
@@ -188,21 +229,52 @@ def checkpoint_urls(run_url: str) -> list[tuple[str, dict[str, Any]]]:
             continue
         name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
         try:
-            meta = json.loads(fs.cat_file(f"{entry['name'].rstrip('/')}/{META_FILE}"))
-        except (FileNotFoundError, json.JSONDecodeError):
+            meta = check_meta_shape(json.loads(fs.cat_file(f"{entry['name'].rstrip('/')}/{META_FILE}")), name)
+        except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
             continue  # not a checkpoint (tensorboard/, evaluations/) or one still being written
+        except UnloadableCheckpoint as exc:
+            log.warning("skipping %s: %s", name, exc)
+            continue
         found.append((meta.get("step", -1), name, f"{run_url.rstrip('/')}/{name}", meta))
     return [(url, meta) for _, _, url, meta in sorted(found, key=lambda item: item[:2])]
 
 
-def locate_checkpoint(url: str) -> str:
-    """``url`` itself when it is a checkpoint, else the latest checkpoint of the run folder it names."""
+def locate_checkpoints(url: str) -> list[str]:
+    """``[url]`` when it is a checkpoint, else the run folder's checkpoints, newest first.
+
+    Callers that load try them in order and skip (with a one-line warning) those that raise
+    CheckpointError, so one corrupt newest checkpoint does not block a run folder.
+    """
     fs, path = fsspec.core.url_to_fs(url)
     if fs.isfile(f"{path}/{META_FILE}"):
-        return url
+        return [url]
     if not fs.isdir(path):
         raise CheckpointError(f"{url}: no such checkpoint or run folder")
     found = checkpoint_urls(url)
     if not found:
         raise CheckpointError(f"{url}: not a checkpoint, and holds no complete checkpoint_* folder")
-    return found[-1][0]
+    return [candidate for candidate, _ in reversed(found)]
+
+
+def locate_checkpoint(url: str) -> str:
+    """``url`` itself when it is a checkpoint, else the latest checkpoint of the run folder it names."""
+    return locate_checkpoints(url)[0]
+
+
+def first_loadable(url: str, load: Callable[[str], T]) -> tuple[str, T]:
+    """(checkpoint URL, ``load(URL)``) of the newest checkpoint that ``url`` names that loads.
+
+    A checkpoint URL is loaded as is (its error propagates). For a run folder each checkpoint,
+    newest first, is tried; one raising CheckpointError is skipped with a one-line warning.
+    """
+    candidates = locate_checkpoints(url)
+    if len(candidates) == 1 and candidates[0] == url:
+        return url, load(url)
+    errors = []
+    for candidate in candidates:
+        try:
+            return candidate, load(candidate)
+        except CheckpointError as exc:
+            log.warning("skipping %s: %s", candidate.rstrip("/").rsplit("/", 1)[-1], exc)
+            errors.append(str(exc))
+    raise CheckpointError(f"{url}: none of its {len(candidates)} checkpoint(s) loads (newest: {errors[0]})")

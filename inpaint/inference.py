@@ -72,6 +72,27 @@ def load_generator(directory: str | Path) -> ckpt.CheckpointContents:
     return ckpt.load_checkpoint(directory, weights_only=True)
 
 
+def load_generator_model(url: str) -> tuple[Generator, ckpt.CheckpointContents]:
+    """The built generator and the contents of the checkpoint at ``url``, or a CheckpointError.
+
+    Weights that do not fit the network the checkpoint's config describes (a config edited to
+    another width, weights of another model) raise UnloadableCheckpoint, not a size-mismatch error.
+    """
+    with tempfile.TemporaryDirectory(prefix="inpaint-ckpt-") as tmp:
+        try:
+            local = fetch_checkpoint(url, tmp)
+        except FileNotFoundError:
+            raise ckpt.CheckpointError(f"{url}: incomplete or deleted checkpoint") from None
+        contents = load_generator(local)
+    try:
+        generator = build_generator(contents.config.model)
+        generator.load_state_dict(contents.generator)
+    except Exception as exc:  # size mismatch, missing keys, a model the config cannot build
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ckpt.UnloadableCheckpoint(f"{url}: weights do not fit the model of its config.json ({reason})") from None
+    return generator, contents
+
+
 def _device(name: str | torch.device) -> torch.device:
     try:
         return resolve_device(str(name))
@@ -149,18 +170,15 @@ class Inpainter:
 
     @classmethod
     def from_checkpoint(cls, url: str, device: str | torch.device = "cpu") -> "Inpainter":
-        """Load the generator of a checkpoint folder, or of a run folder's latest checkpoint."""
-        with tempfile.TemporaryDirectory(prefix="inpaint-ckpt-") as tmp:
-            try:
-                local = fetch_checkpoint(ckpt.locate_checkpoint(url), tmp)
-            except ckpt.CheckpointError:
-                raise
-            except Exception as exc:  # any storage client error means the same to the user
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise ckpt.CheckpointError(f"{url}: cannot read the checkpoint ({reason})") from None
-            contents = load_generator(local)
-        generator = build_generator(contents.config.model)
-        generator.load_state_dict(contents.generator)
+        """Load the generator of a checkpoint folder, or of a run folder's newest checkpoint that loads."""
+        _device(device)  # a wrong device is the user's mistake, not the checkpoint's
+        try:
+            _, (generator, contents) = ckpt.first_loadable(url, load_generator_model)
+        except ckpt.CheckpointError:
+            raise
+        except Exception as exc:  # any storage client error means the same to the user
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ckpt.CheckpointError(f"{url}: cannot read the checkpoint ({reason})") from None
         return cls(generator, contents.config, device=device, meta=contents.meta)
 
     @torch.no_grad()
