@@ -100,7 +100,8 @@ def test_evaluation_writes_every_output_with_figures_that_scikit_image_reproduce
     assert document["checkpoint"] == str(run / "checkpoint_000000004") and document["baseline"] is None
     assert document["step"] == 4 and document["phase"] == "generator" and len(document["config_digest"]) == 12
     assert document["protocol"]["seed"] == 0 and document["protocol"]["count"] == IMAGES
-    assert document["protocol"]["kinds"] == ["center_1/4", "center_1/3", "random"]
+    assert document["protocol"]["kinds"] == ["center_1/4", "center_1/3", "center_side_1/4", "center_side_1/3",
+                                            "random"]
 
     rows = read_rows(folder)
     for kind in document["protocol"]["kinds"]:
