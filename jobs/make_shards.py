@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-size", type=positive_int, default=None,
                         help="images per shard (default: 1000; 32 for sample)")
     parser.add_argument("--seed", type=seed_int, default=0, help="seed of the shuffles and random splits")
-    parser.add_argument("--test-fraction", type=fraction, default=0.1, help="test share of folder and sample splits")
+    parser.add_argument("--test-fraction", type=fraction, default=None,
+                        help="test share of folder and sample splits (default: 0.1; 0.2 of each photo for sample)")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="fsspec option for --output, e.g. endpoint_url=http://minio:9000 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

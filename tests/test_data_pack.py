@@ -21,6 +21,7 @@ from PIL import Image
 from inpaint.data import DataError, load_index, pack_dataset, parse_storage_options, split_keys
 from inpaint.data import pack, sources
 from inpaint.data.shards import parse_shard
+from inpaint.data.sources import SAMPLE_PHOTOS, SAMPLE_SIDES, SAMPLE_TILE, open_source, sample_photo, sample_tiles
 
 REPO = Path(__file__).resolve().parent.parent
 _SPEC = importlib.util.spec_from_file_location("make_shards", REPO / "jobs" / "make_shards.py")
@@ -251,16 +252,58 @@ def test_a_failure_mid_shard_never_leaves_a_shard_that_looks_complete(tmp_path, 
         assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(path)) == ["train-000000.tar"]
 
 
-def test_sample_dataset_is_small_real_and_split(tmp_path):
+def test_sample_dataset_is_real_photos_split_by_disjoint_tiles(tmp_path):
     summary = pack_dataset("sample", None, str(tmp_path / "sample"), progress=False)
     keys = _check_index(str(tmp_path / "sample"))
-    assert summary.samples["train"] >= 150 and summary.samples["test"] >= 15
+    assert summary.samples["train"] >= 80 and summary.samples["test"] >= 15
     assert summary.shards["train"] > 3
-    assert summary.seconds < 10
     members = _shard_members(str(tmp_path / "sample"), load_index(str(tmp_path / "sample")))
     image = np.asarray(Image.open(io.BytesIO(members[keys["test"][0]]["jpg"])))
-    assert image.shape == (64, 64, 3) and image.std() > 5  # a real crop, not a flat fill
+    # Stored larger than the quickstart's 64 px crops, so each epoch crops anew.
+    assert image.shape == (SAMPLE_TILE, SAMPLE_TILE, 3) and image.std() > 5  # a real photo, not a flat fill
     assert split_keys(str(tmp_path / "sample"), "test") == keys["test"]
+    # Every photo, both faces included, is in both splits.
+    photos = {split: {json.loads(members[k]["json"])["source"].split("/")[0] for k in ks} for split, ks in keys.items()}
+    assert photos["train"] == photos["test"] == set(SAMPLE_PHOTOS)
+    assert {"astronaut", "grace_hopper"} <= photos["test"]
+
+
+def test_sample_split_shares_no_pixel_between_train_and_test():
+    """Tiles of one photo are cells of one grid: a test tile's pixels are in no training tile."""
+    for photo in SAMPLE_PHOTOS:
+        cells = {}
+        with open_source("sample", None) as listing:
+            for image in listing.images:
+                name, cell = image.name.split("/")
+                if name == photo:
+                    row, col = (int(x) for x in cell.removesuffix(".jpg").lstrip("r").split("c"))
+                    cells[(row, col)] = image.split
+        assert len(cells) >= 9 and {"train", "test"} == set(cells.values())
+        # Cells of one grid at SAMPLE_TILE pitch never overlap; each position is one tile, in one split.
+        boxes = {split: [(r * SAMPLE_TILE, c * SAMPLE_TILE) for (r, c), s in cells.items() if s == split]
+                 for split in ("train", "test")}
+        for top, left in boxes["test"]:
+            for t, l in boxes["train"]:
+                assert abs(top - t) >= SAMPLE_TILE or abs(left - l) >= SAMPLE_TILE
+
+
+def test_sample_tiles_are_disjoint_crops_of_the_scaled_photo():
+    from PIL import Image as PILImage
+
+    tiles = dict(sample_tiles("astronaut"))
+    photo = PILImage.fromarray(sample_photo("astronaut"))
+    scale = SAMPLE_SIDES["astronaut"] / min(photo.size)
+    scaled = np.asarray(photo.resize((round(photo.width * scale), round(photo.height * scale)),
+                                     PILImage.Resampling.LANCZOS)).astype(np.int16)
+    tile = np.asarray(Image.open(io.BytesIO(tiles["astronaut/r1c2.jpg"]))).astype(np.int16)
+    region = scaled[SAMPLE_TILE:2 * SAMPLE_TILE, 2 * SAMPLE_TILE:3 * SAMPLE_TILE]
+    assert np.abs(tile - region).mean() < 3  # the same pixels, up to JPEG
+
+
+def test_sample_photos_include_the_shipped_faces_in_colour():
+    for name in ("astronaut", "grace_hopper", "camera"):
+        image = sample_photo(name)
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and min(image.shape[:2]) >= 300
 
 
 def test_webdataset_reads_the_shards_as_they_are(sample_dataset):

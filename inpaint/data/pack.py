@@ -36,7 +36,7 @@ from inpaint.data.storage import DataError, Output
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 1000
-SAMPLE_SHARD_SIZE = 32  # several shards even for the tiny built-in set, so ranks read different ones
+SAMPLE_SHARD_SIZE = 16  # several shards even for the tiny built-in set, so ranks read different ones
 SPLIT_ORDER = ("train", "valid", "test")
 _FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 _CHECK_CHUNK = 256
@@ -156,7 +156,7 @@ def _write(output: Output, name: str, shard: list[CheckedImage]) -> ShardInfo:
 
 def pack_dataset(kind: str, source: str | Path | None, output_url: str, shard_size: int | None = None,
                  split: str | None = None, seed: int = 0, storage_options: dict | None = None,
-                 progress: bool = True, test_fraction: float = 0.1) -> PackSummary:
+                 progress: bool = True, test_fraction: float | None = None) -> PackSummary:
     """Pack ``source`` (a ``kind`` layout, see :mod:`inpaint.data.sources`) into ``output_url``.
 
     ``shard_size`` defaults to DEFAULT_SHARD_SIZE images (SAMPLE_SHARD_SIZE for ``sample``).

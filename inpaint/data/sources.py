@@ -8,7 +8,11 @@
   ``peopleDevTest.txt`` when present, else seeded by person (~10,000 of LFW's 13,233 images
   train) so no person is in both; ``person`` forces the seeded split.
 - ``folder``: every image under a folder, a seeded ``random`` split with ``test_fraction``.
-- ``sample``: a few hundred 64x64 crops of the colour photos scikit-image ships; no download.
+- ``sample``: 96 px tiles of real photographs that installed packages ship (no download):
+  scikit-image's and matplotlib's, faces first (see :func:`sample_photo`). Each photo is cut
+  into a grid of disjoint tiles and a seeded share of each photo's tiles is held out as
+  ``test``, so no test pixel is in any training tile; training takes random crops of the
+  training tiles, new each epoch.
 
 Nothing here decodes images: the packer checks every image and reports the unreadable ones.
 """
@@ -38,10 +42,15 @@ SPLIT_METHODS = {"celeba": ("official", "paper"), "lfw": ("official", "person"),
 CELEBA_PARTITIONS = {"0": "train", "1": "valid", "2": "test"}
 PAPER_CELEBA_TRAIN = 120_000
 LFW_TRAIN_SHARE = 10_000 / 13_233  # the paper's ~10,000 training images of LFW's 13,233
-SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-                 "retina", "stereo_motorcycle")
-SAMPLE_CROP = 64
-SAMPLE_GRID_SIDE = 320  # each photo is scaled so its shorter side holds 5 crops
+# Real photographs that the dependencies ship, with the shorter side (px) each is stored at. Faces
+# matter most for this project (CelebA, LFW), so the two colour portraits get the most tiles:
+# scikit-image's astronaut (Eileen Collins) and matplotlib's Grace Hopper; the cameraman is grey.
+SAMPLE_SIDES = {"astronaut": 384, "grace_hopper": 384, "camera": 288, "chelsea": 288, "coffee": 288,
+                "rocket": 288, "stereo_motorcycle": 288, "immunohistochemistry": 288, "hubble_deep_field": 288,
+                "retina": 288}
+SAMPLE_PHOTOS = tuple(SAMPLE_SIDES)
+SAMPLE_TILE = 96  # px: room for fresh random crops of up to 96 px (64 px in the quickstart) every epoch
+SAMPLE_TEST_FRACTION = 0.2  # of each photo's tiles
 _KEY_MAX = 90  # ustar names hold 100 bytes, and the key gets ".json" appended
 
 
@@ -256,47 +265,66 @@ def _folder(root: Path, seed: int, test_fraction: float) -> SourceListing:
 
 
 def sample_photo(name: str) -> np.ndarray:
-    """An RGB uint8 (H, W, 3) photograph that scikit-image ships (no download)."""
+    """An RGB uint8 (H, W, 3) photograph that an installed package ships (no download)."""
+    if name == "grace_hopper":
+        from matplotlib import cbook
+
+        from PIL import Image
+
+        with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as image:
+            return np.asarray(image.convert("RGB"))
     import skimage.data  # slow to import; only the sample dataset needs it
 
     image = getattr(skimage.data, name)()
-    return image[0] if name == "stereo_motorcycle" else image  # (left, right, disparity): the left view
+    if name == "stereo_motorcycle":
+        image = image[0]  # (left, right, disparity): the left view
+    return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
 
 
-def sample_crops() -> Iterator[tuple[str, bytes]]:
-    """(name, JPEG bytes) of SAMPLE_CROP-pixel crops on a grid over scikit-image's colour photos."""
+def sample_tiles(photo: str) -> list[tuple[str, bytes]]:
+    """(name, JPEG bytes) of the disjoint SAMPLE_TILE px tiles on a grid over one scaled photo."""
     from PIL import Image
 
-    for photo in SAMPLE_PHOTOS:
-        image = Image.fromarray(sample_photo(photo))
-        scale = SAMPLE_GRID_SIDE / min(image.size)
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
-        for row in range(image.height // SAMPLE_CROP):
-            for col in range(image.width // SAMPLE_CROP):
-                box = (col * SAMPLE_CROP, row * SAMPLE_CROP, (col + 1) * SAMPLE_CROP, (row + 1) * SAMPLE_CROP)
-                buffer = io.BytesIO()
-                image.crop(box).save(buffer, "JPEG", quality=90)
-                yield f"{photo}/r{row}c{col}.jpg", buffer.getvalue()
+    image = Image.fromarray(sample_photo(photo))
+    scale = SAMPLE_SIDES[photo] / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
+    tiles = []
+    for row in range(image.height // SAMPLE_TILE):
+        for col in range(image.width // SAMPLE_TILE):
+            box = (col * SAMPLE_TILE, row * SAMPLE_TILE, (col + 1) * SAMPLE_TILE, (row + 1) * SAMPLE_TILE)
+            buffer = io.BytesIO()
+            image.crop(box).save(buffer, "JPEG", quality=95)
+            tiles.append((f"{photo}/r{row}c{col}.jpg", buffer.getvalue()))
+    return tiles
 
 
 def _sample(seed: int, test_fraction: float) -> SourceListing:
-    crops = list(sample_crops())
-    splits = _random_split(len(crops), seed, test_fraction, "sample")
-    images = [SourceImage(name, _key(name.rsplit(".", 1)[0].replace("/", "-")), split,
-                          functools.partial(bytes, data))
-              for (name, data), split in zip(crops, splits)]
-    return SourceListing(images, [], f"random, seeded (seed {seed}, test fraction {test_fraction})")
+    images = []
+    for photo in SAMPLE_PHOTOS:
+        tiles = sample_tiles(photo)
+        # Per photo, so every photo is in both splits; tiles are disjoint, so no test pixel is trained on.
+        splits = _random_split(len(tiles), seed, test_fraction, f"sample:{photo}")
+        images += [SourceImage(name, _key(name.rsplit(".", 1)[0].replace("/", "-")), split,
+                               functools.partial(bytes, data))
+                   for (name, data), split in zip(tiles, splits)]
+    return SourceListing(images, [], f"disjoint {SAMPLE_TILE} px tiles, a seeded {test_fraction:.0%} of each "
+                                     f"photo's tiles test (seed {seed})")
 
 
 @contextlib.contextmanager
 def open_source(kind: str, source: str | Path | None, split: str | None = None, seed: int = 0,
-                test_fraction: float = 0.1) -> Iterator[SourceListing]:
-    """The images of a source with their splits; temporary extractions last until exit."""
+                test_fraction: float | None = None) -> Iterator[SourceListing]:
+    """The images of a source with their splits; temporary extractions last until exit.
+
+    ``test_fraction`` (folder and sample) defaults to 0.1 for folders, SAMPLE_TEST_FRACTION for the sample.
+    """
     if kind not in SPLIT_METHODS:
         raise DataError(f"unknown dataset {kind!r} (known: {', '.join(SPLIT_METHODS)})")
     split = split or SPLIT_METHODS[kind][0]
     if split not in SPLIT_METHODS[kind]:
         raise DataError(f"--split {split!r} does not apply to {kind} (choose from: {', '.join(SPLIT_METHODS[kind])})")
+    if test_fraction is None:
+        test_fraction = SAMPLE_TEST_FRACTION if kind == "sample" else 0.1
     if not 0 < test_fraction < 1:
         raise DataError(f"test fraction must be in (0, 1), got {test_fraction}")
     with contextlib.ExitStack() as stack:
