@@ -3,6 +3,8 @@
 Both take a uint8 ``(H, W, 3)`` image and a bool ``(H, W)`` hole (True = fill) and return a
 uint8 image whose known pixels are the input's, bit for bit.
 
+- ``mean``: every hole pixel set to the mean colour of the image's known pixels: the floor
+  that any method must clear.
 - ``telea``: Telea's fast-marching method (OpenCV's ``cv2.inpaint``); OpenCV is the optional
   extra ``inpaint[baseline]``.
 - ``biharmonic``: scikit-image's ``inpaint_biharmonic``, always available; ~0.05 s for a
@@ -43,6 +45,14 @@ def _keep_known(image: np.ndarray, filled: np.ndarray, hole: np.ndarray) -> np.n
     return np.where(hole[..., None], filled, image)
 
 
+def mean(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """The hole filled with the mean colour of the known pixels (mid-grey when nothing is known)."""
+    _check(image, hole)
+    known = image[~hole]
+    colour = np.rint(known.mean(axis=0)) if len(known) else np.full(3, 128.0)
+    return _keep_known(image, np.broadcast_to(colour.astype(np.uint8), image.shape), hole)
+
+
 def telea(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
     """Telea (2004) fast-marching inpainting, radius TELEA_RADIUS."""
     _check(image, hole)
@@ -62,7 +72,8 @@ def biharmonic(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
     return _keep_known(image, filled, hole)
 
 
-BASELINES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {"telea": telea, "biharmonic": biharmonic}
+BASELINES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {"mean": mean, "telea": telea,
+                                                                         "biharmonic": biharmonic}
 
 
 def get(name: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=seed_int, default=0, help="draws the images and the random holes (default: 0)")
     parser.add_argument("--workers", type=positive_int, default=1,
                         help="Ray tasks in parallel when there are more than 2000 images (default: 1)")
-    parser.add_argument("--baseline", choices=("telea", "biharmonic"),
+    parser.add_argument("--baseline", choices=("mean", "telea", "biharmonic"),
                         help="evaluate a classical method instead (sizes, data, run folder from --checkpoint if given)")
     parser.add_argument("--split", help="dataset split (default: the config's data.eval_split, i.e. test)")
     parser.add_argument("--interval", type=positive_float, metavar="SECONDS",
