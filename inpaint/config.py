@@ -85,6 +85,7 @@ ARCHS = ("paper", "glcic", "glcic_places2")
 OPTIMIZERS = ("adam", "adadelta")
 MASK_KINDS = ("random", "center", "freeform", "mixed")
 REC_MASKINGS = ("full", "hole", "weighted")
+ADV_DISC_BN = ("train", "eval", "mixed")
 PHASE_UNITS = ("iterations", "samples")
 DEVICES = ("auto", "cpu", "cuda")
 VGG_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
@@ -144,12 +145,17 @@ class LossConfig:
     cx_layers: tuple[str, ...] = ("relu3_3",)
     cx_chunk: int = 1  # images per chunk in the contextual loss: bounds its B x N x N memory
     vgg_weights: str = "imagenet"  # imagenet (torchvision), a local/fsspec path, or random
+    # How the discriminator's BatchNorm sees the generator's adversarial pass: "train" (batch
+    # statistics of the completed images alone), "eval" (running statistics), "mixed" (real and
+    # completed in one batch, as in the discriminator's own step). See README, "Discriminator BatchNorm".
+    adv_disc_bn: str = "train"
 
     def __post_init__(self) -> None:
         self.cx_layers = tuple(str(x) for x in self.cx_layers)
         for name in ("adv_weight", "cx_weight", "hole_weight"):
             _check(getattr(self, name) >= 0, f"loss.{name}", f"must be >= 0, got {getattr(self, name)}")
         _one_of(self.rec_masking, REC_MASKINGS, "loss.rec_masking")
+        _one_of(self.adv_disc_bn, ADV_DISC_BN, "loss.adv_disc_bn")
         _check(self.cx_band_width > 0, "loss.cx_band_width", f"must be > 0, got {self.cx_band_width}")
         _check(self.cx_eps > 0, "loss.cx_eps", f"must be > 0, got {self.cx_eps}")
         _check(self.cx_chunk >= 1, "loss.cx_chunk", f"must be >= 1, got {self.cx_chunk}")

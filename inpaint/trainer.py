@@ -18,6 +18,7 @@ range costs microseconds when no profiler is active.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import random
 from pathlib import Path
@@ -230,7 +231,7 @@ class Trainer:
             # The unwrapped, frozen discriminator: no DDP hooks fire and no gradient reaches it.
             discriminator = _unwrap(self.discriminator)
             with frozen(discriminator), self._autocast(), record_function("discriminator"):
-                fake_logits = self._discriminate(discriminator, completed, box)
+                fake_logits = self._adversarial_logits(discriminator, image, completed, box)
             adv = generator_adversarial_loss(fake_logits)
             total = total + loss_cfg.adv_weight * adv
             out["g_adv"] = adv.detach()
@@ -241,6 +242,21 @@ class Trainer:
             self.g_optimizer.step()
         out["g_total"] = total.detach()
         return out
+
+    def _adversarial_logits(self, discriminator: nn.Module, image: torch.Tensor, completed: torch.Tensor,
+                            box: torch.Tensor) -> torch.Tensor:
+        """The discriminator's logits on the completed images, its BatchNorm as loss.adv_disc_bn says."""
+        mode = self.config.loss.adv_disc_bn
+        if mode == "mixed":  # the batch statistics the discriminator's own step normalises with
+            logits = self._discriminate(discriminator, torch.cat([image, completed]), torch.cat([box, box]))
+            return logits.chunk(2)[1]
+        if mode == "eval":
+            discriminator.eval()
+            try:
+                return self._discriminate(discriminator, completed, box)
+            finally:
+                discriminator.train(True)
+        return self._discriminate(discriminator, completed, box)
 
     def _contextual(self, completed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
         loss_cfg = self.config.loss
@@ -321,8 +337,14 @@ class Trainer:
             log.warning("resuming from %s whose model/training config differs from this run's "
                         "(digest %s vs %s); using this run's config", directory,
                         contents.config.digest(), self.config.digest())
-        self.load_state_dict({"generator": contents.generator, "discriminator": contents.discriminator,
-                              "trainer": contents.trainer})
+        before = copy.deepcopy(self.state_dict())
+        try:
+            self.load_state_dict({"generator": contents.generator, "discriminator": contents.discriminator,
+                                  "trainer": contents.trainer})
+        except Exception as exc:  # size mismatch, missing keys, an optimizer state of other shapes
+            self.load_state_dict(before)  # as it was: the caller may fall back to an older checkpoint
+            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise ckpt.UnloadableCheckpoint(f"{directory}: does not fit this run's networks ({reason})") from None
         return contents.meta
 
     # ----------------------------------------------------------------- loop
