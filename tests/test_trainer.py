@@ -170,3 +170,21 @@ def test_gpu_switches_follow_the_cpus_native_bf16(monkeypatch, native):
     assert trainer.bf16 is native and trainer.channels_last is native
     pinned = Trainer(debug_config("runtime.bf16=false", "runtime.channels_last=false"), device="cpu")
     assert not pinned.bf16 and not pinned.channels_last
+
+
+@pytest.mark.parametrize("mode, passes", [("train", 2), ("eval", 1), ("mixed", 2)])
+def test_adv_disc_bn_says_whether_the_adversarial_pass_moves_the_discriminators_batchnorm(mode, passes):
+    config = debug_config("schedule.generator_steps=0", "schedule.discriminator_steps=0", "schedule.joint_steps=1",
+                          f"loss.adv_disc_bn={mode}")
+    trainer = Trainer(config, device="cpu")
+    norms = [m for m in trainer.discriminator.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms
+    trainer.train_step(synthetic_batch(config, 0))
+    # one pass in the discriminator's own step, plus one in the generator's unless it reads running stats
+    assert {int(m.num_batches_tracked) for m in norms} == {passes}
+    assert trainer.discriminator.training
+
+
+def test_adv_disc_bn_rejects_unknown_modes():
+    with pytest.raises(Exception, match="adv_disc_bn"):
+        debug_config("loss.adv_disc_bn=frozen")
