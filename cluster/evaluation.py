@@ -42,6 +42,7 @@ from inpaint.config import Config, ConfigError, ModelConfig
 from inpaint.data import DataError, iter_split, load_index
 from inpaint.checkpoint import checkpoint_urls, locate_checkpoint
 from inpaint.inference import Inpainter, InpaintError, load_generator_model
+from inpaint.masks import uncovered_evaluation_holes
 from inpaint.models import build_generator
 
 log = logging.getLogger("inpaint.evaluate")
@@ -53,6 +54,7 @@ UNLOADABLE_FILE = "UNLOADABLE"  # beside CLAIM: this checkpoint verifies but can
 CLAIM_TIMEOUT_S = 2 * 3600.0
 CLAIM_SETTLE_S = 2.0
 EVALUATIONS = "evaluations"
+COMPARED_BASELINES = ("mean", "telea", "biharmonic")  # the floor, and the two classical methods to beat
 
 
 class EvaluationError(Exception):
@@ -261,9 +263,9 @@ def _is_run_folder(url: str) -> bool:
     return fs.exists(f"{path}/config.json") or fs.isdir(f"{path}/tensorboard")
 
 
-def log_to_tensorboard(run_url: str, document: dict[str, Any]) -> None:
-    """Scalars into RUN/tensorboard/eval (written locally, then uploaded when the run is remote)."""
-    target = storage.join(run_url, "tensorboard", "eval")
+def log_to_tensorboard(run_url: str, document: dict[str, Any], folder: str = "eval") -> None:
+    """Scalars into RUN/tensorboard/<folder> (written locally, then uploaded when the run is remote)."""
+    target = storage.join(run_url, "tensorboard", folder)
     if not storage.is_remote(target):
         ev.log_scalars(target, document)
         return
@@ -277,6 +279,13 @@ def evaluate_subject(subject: Subject, request: EvaluationRequest, output: str) 
     """Run the protocol on a loaded subject and publish its outputs to ``output``."""
     protocol, drawn = _protocol(subject, request)
     storage.check_writable(output)  # before the work, not after it
+    untrained = []
+    if subject.config is not None and subject.weights is not None:
+        untrained = uncovered_evaluation_holes(subject.config.mask, protocol.image_size, protocol.local_size,
+                                               protocol.kinds)
+        if untrained:
+            log.warning("training drew no hole as large as %s (mask.max_side %.2f): those figures measure "
+                        "extrapolation", ", ".join(untrained), subject.config.mask.max_side)
     log.info("evaluating %s on %d images of %s split %r", subject.info.get("checkpoint") or subject.info["baseline"],
              protocol.count, protocol.data, protocol.split)
     start = time.perf_counter()
@@ -285,6 +294,8 @@ def evaluate_subject(subject: Subject, request: EvaluationRequest, output: str) 
         raise EvaluationError(f"{protocol.data}: none of the {protocol.count} drawn images is readable")
     elapsed_s = time.perf_counter() - start
     document = ev.metrics_document(subject.info, protocol, scores, elapsed_s=elapsed_s, workers=workers)
+    if untrained:
+        document["untrained_holes"] = untrained
     publish(output, document, scores)
     if subject.weights is not None:
         run_url = _parent(subject.info["checkpoint"])
@@ -324,6 +335,62 @@ def evaluate_baseline(name: str, request: EvaluationRequest, checkpoint: str | N
     if output is None:
         raise EvaluationError("--baseline without --checkpoint needs --output")
     return evaluate_subject(subject, request, output)
+
+
+@dataclass
+class Comparison:
+    """A checkpoint and classical methods evaluated on the same images and holes."""
+
+    model: EvaluationResult
+    baselines: list[EvaluationResult]
+    skipped: dict[str, str] = field(default_factory=dict)  # baseline -> why it could not run here
+
+    def describe(self) -> str:
+        documents = [self.model.document, *(result.document for result in self.baselines)]
+        lines = [self.model.describe(), "", "hole PSNR (dB), held-out images, same holes for every method:",
+                 *ev.comparison_table(documents), "", "whole-image PSNR (dB):",
+                 *ev.comparison_table(documents, "psnr"), "", "whole-image SSIM:",
+                 *ev.comparison_table(documents, "ssim", 3)]
+        lines += [f"baseline {name} skipped: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _baseline_done(output: str, protocol: dict[str, Any]) -> EvaluationResult | None:
+    document = _read_json(storage.join(output, ev.METRICS_FILE))
+    if document is not None and "metrics" in document and ev.same_protocol(document.get("protocol", {}), protocol):
+        return EvaluationResult(output, document)
+    return None
+
+
+def compare_with_baselines(url: str, request: EvaluationRequest,
+                           names: tuple[str, ...] = COMPARED_BASELINES) -> Comparison:
+    """Evaluate a checkpoint (or a run's newest) and each classical method under one protocol.
+
+    The baselines go first, into RUN/evaluations/baseline-<name> (kept and reused while the
+    protocol is the same), so that the checkpoint's report.md lists them beside its own figures;
+    their scalars go to RUN/tensorboard/eval-baseline-<name> at the checkpoint's step, a flat
+    line to read the model's eval curves against. A method that cannot run here is skipped.
+    """
+    checkpoint_url, subject = resolve_subject(url)
+    run_url = _parent(checkpoint_url)
+    protocol, _ = _protocol(subject, request)
+    done, skipped = [], {}
+    for name in names:
+        output = storage.join(run_url, EVALUATIONS, f"baseline-{name}")
+        result = _baseline_done(output, protocol.to_dict())
+        if result is None:
+            try:
+                baselines.get(name)
+            except BaselineError as exc:
+                skipped[name] = str(exc)
+                continue
+            result = evaluate_subject(Subject({"baseline": name}, subject.model, subject.config),
+                                      replace(request, output=None), output)
+        if _is_run_folder(run_url):
+            log_to_tensorboard(run_url, {**result.document, "step": subject.info["step"]}, f"eval-baseline-{name}")
+        done.append(result)
+    output = storage.join(run_url, EVALUATIONS, _name(checkpoint_url))
+    return Comparison(evaluate_subject(subject, replace(request, output=None), output), done, skipped)
 
 
 # ------------------------------------------------------------------ claims

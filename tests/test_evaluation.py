@@ -201,6 +201,47 @@ def test_baseline_evaluation_says_baseline_instead_of_checkpoint(run):
     assert "biharmonic baseline" in (folder / ev.REPORT_FILE).read_text()
 
 
+def test_mean_fill_paints_the_hole_with_the_known_pixels_mean_colour():
+    from inpaint.baselines import mean
+
+    image = smooth_image()
+    hole = np.zeros(image.shape[:2], dtype=bool)
+    hole[10:20, 5:25] = True
+    filled = mean(image, hole)
+    assert np.array_equal(filled[~hole], image[~hole])
+    expected = np.rint(image[~hole].astype(np.float64).mean(axis=0)).astype(np.uint8)
+    assert (filled[hole] == expected).all() and not (expected == 0).all()
+
+
+def test_final_comparison_puts_the_model_beside_every_baseline_and_reuses_them(run):
+    comparison = cev.compare_with_baselines(str(run), request(num_images=4))
+    names = [result.document["baseline"] for result in comparison.baselines]
+    assert names == ["mean", "telea", "biharmonic"] and not comparison.skipped
+    assert comparison.model.document["step"] == 4
+    table = comparison.describe()
+    for row in ("model, step 4", "mean (classical)", "telea (classical)", "biharmonic (classical)"):
+        assert row in table
+    report = (run / "evaluations" / "checkpoint_000000004" / ev.REPORT_FILE).read_text()
+    assert "## Beside classical methods" in report and "| biharmonic (classical) |" in report
+    for name in names:
+        assert list((run / "tensorboard" / f"eval-baseline-{name}").glob("events.out.tfevents.*"))
+    # the same protocol again: the baselines' figures are reused, not recomputed
+    stamp = (run / "evaluations" / "baseline-mean" / ev.METRICS_FILE).stat().st_mtime_ns
+    again = cev.compare_with_baselines(str(run), request(num_images=4))
+    assert (run / "evaluations" / "baseline-mean" / ev.METRICS_FILE).stat().st_mtime_ns == stamp
+    assert again.baselines[0].document["metrics"] == comparison.baselines[0].document["metrics"]
+    # another protocol (more images) is evaluated afresh
+    cev.compare_with_baselines(str(run), request(num_images=6))
+    assert json.loads((run / "evaluations" / "baseline-mean" / ev.METRICS_FILE).read_text())[
+        "protocol"]["count"] == 6
+
+
+def test_evaluating_holes_larger_than_training_drew_is_flagged(run):
+    result = cev.evaluate_checkpoint(str(run), request(num_images=2))  # debug: holes up to 0.45 of the side
+    assert "center_1/3" in result.document["untrained_holes"]
+    assert "Warning:" in (Path(result.output) / ev.REPORT_FILE).read_text()
+
+
 def test_telea_without_opencv_is_a_clear_error(monkeypatch, run, capsys):
     monkeypatch.setitem(__import__("sys").modules, "cv2", None)
     with pytest.raises(BaselineError, match="inpaint\\[baseline\\]"):
