@@ -96,3 +96,23 @@ def test_digest_ignores_paths_and_logging_but_not_the_model():
     base = recipes.get("celeba")
     assert apply_overrides(base, ["data.url=s3://x/y", "log.every_steps=7"]).digest() == base.digest()
     assert apply_overrides(base, ["model.gen_width=32"]).digest() != base.digest()
+
+
+@pytest.mark.parametrize("name", ["celeba", "lfw", "quickstart"])
+def test_training_recipes_draw_holes_as_large_as_every_evaluated_hole(name):
+    from inpaint.masks import EVALUATION_MASK_KINDS, uncovered_evaluation_holes
+
+    config = recipes.get(name)
+    assert uncovered_evaluation_holes(config.mask, config.model.image_size, config.model.local_size) == []
+    # and the check can fail: a recipe drawing only small holes leaves the large kinds uncovered
+    small = type(config.mask)(min_side=0.1, max_side=0.3)
+    uncovered = uncovered_evaluation_holes(small, config.model.image_size, config.model.local_size)
+    assert "center_1/3" in uncovered and "center_1/4" in uncovered and set(uncovered) <= set(EVALUATION_MASK_KINDS)
+
+
+def test_quickstart_is_the_papers_networks_small_and_debug_stays_tiny():
+    quick, debug = recipes.get("quickstart"), recipes.get("debug")
+    assert quick.model.block == "se_res" and quick.model.arch == "paper"
+    assert quick.model.image_size == 64 and quick.schedule.generator_steps > 0
+    assert quick.schedule.discriminator_steps > 0 and quick.schedule.joint_steps > 0
+    assert debug.model.image_size == 32 and debug.schedule.total_steps <= 32
