@@ -9,8 +9,10 @@ Reconstruction masking (``reconstruction_loss``; ``mask`` is 1 on known pixels, 
 - ``hole`` (default): squared error over hole pixels only, normalised per image by its number of
   hole values, then averaged over the batch. Small and large holes weigh alike, and the known
   pixels, which the composite copies exactly from the input, do not dilute the loss.
-- ``full``: mean squared error of the raw prediction over the whole image (GLCIC's choice); the
-  generator is also asked to reproduce the known pixels.
+- ``full``: mean squared error of the raw prediction over the whole image; the generator is also
+  asked to reproduce the known pixels. (GLCIC-PyTorch's loss is neither: it is the squared error
+  over the hole, summed and divided by the whole image's size, i.e. ``hole`` times the hole's
+  fraction of the image, so its adversarial weight counts 1/fraction times more against it.)
 - ``weighted``: known pixels weight 1, hole pixels weight ``hole_weight``, normalised per image by
   the total weight.
 
