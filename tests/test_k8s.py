@@ -1,6 +1,7 @@
 """Offline checks of the Kubernetes manifests, the image and the `ray up` config.
 
-Each overlay is built with `kubectl kustomize`; core kinds are validated against the Kubernetes
+Every kustomization under k8s/ (base, overlays, optional components) must build with `kubectl kustomize`
+on its own; the overlays' builds are then checked: core kinds are validated against the Kubernetes
 schemas (kubernetes-validate, strict), KubeRay kinds against the KubeRay v1.7.0 CRDs turned into
 JSON Schema that rejects unknown fields; then come the rules a reviewer would check by hand.
 CEL rules (x-kubernetes-validations) are the API server's to enforce and are not checked here.
@@ -77,6 +78,26 @@ def raycronjob_build(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str,
     (root / "kustomization.yaml").write_text(
         f"namespace: inpaint-celeba\nresources: [{overlay}]\ncomponents: [{component}]\n")
     return kustomize(root)
+
+
+KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")  # the names kustomize reads
+
+
+def kustomization_dirs() -> list[Path]:
+    """Every directory under k8s/ holding a kustomization, found by walking the tree (optional ones too)."""
+    return sorted({path.parent for name in KUSTOMIZATION_FILES for path in K8S.rglob(name)})
+
+
+def test_the_walk_finds_the_base_the_overlays_and_the_optional_components():
+    found = {directory.relative_to(K8S).as_posix() for directory in kustomization_dirs()}
+    assert {"base", "optional/raycronjob", *(f"overlays/{name}" for name in OVERLAYS)} <= found
+
+
+@pytest.mark.parametrize("directory", kustomization_dirs(), ids=lambda path: path.relative_to(K8S).as_posix())
+def test_every_kustomization_builds_on_its_own(directory):
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed")
+    assert kustomize(directory), f"kubectl kustomize {directory} printed no resources"
 
 
 def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
