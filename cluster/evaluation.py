@@ -91,7 +91,7 @@ class EvaluationResult:
         lines = [f"evaluation written to {self.output} "
                  f"({self.document['protocol']['count']} images, {self.document['elapsed_s']:.1f} s)"]
         for kind, figures in self.document["metrics"].items():
-            lines.append(f"  {kind:<11} PSNR {figures['psnr']['mean']:6.2f} dB  SSIM {figures['ssim']['mean']:.3f}  "
+            lines.append(f"  {kind:<15} PSNR {figures['psnr']['mean']:6.2f} dB  SSIM {figures['ssim']['mean']:.3f}  "
                          f"hole PSNR {figures['hole_psnr']['mean']:6.2f} dB")
         return "\n".join(lines)
 
@@ -347,7 +347,8 @@ class Comparison:
 
     def describe(self) -> str:
         documents = [self.model.document, *(result.document for result in self.baselines)]
-        lines = [self.model.describe(), "", "hole PSNR (dB), held-out images, same holes for every method:",
+        lines = [self.model.describe().splitlines()[0], "",
+                 "hole PSNR (dB), held-out images, same holes for every method:",
                  *ev.comparison_table(documents), "", "whole-image PSNR (dB):",
                  *ev.comparison_table(documents, "psnr"), "", "whole-image SSIM:",
                  *ev.comparison_table(documents, "ssim", 3)]
