@@ -19,15 +19,21 @@ from inpaint.masks import MaskSampler
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args, timeout=300):
+# A tiny workload: this checks that the output is well formed, not how fast anything is, so the
+# timeouts leave room for a 2-core machine whose other core (or both) is busy with other work.
+TINY = ("--quick", "--warmup", "0", "--steps", "1", "--ddp-steps", "1", "--images", "16", "--loader-images", "128")
+
+
+def run_cli(*args, timeout=1500):
     return subprocess.run([sys.executable, str(ROOT / "jobs" / "benchmark.py"), *args], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_quick_run_writes_json_and_table_with_positive_figures(tmp_path):
     output = tmp_path / "bench.json"
-    result = run_cli("--quick", "--output", str(output))
+    result = run_cli(*TINY, "--output", str(output))
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(output.read_text())
     assert {"meta", "steps", "speedups", "allreduce_bytes", "comparison", "ladder", "code_changes",
@@ -40,7 +46,7 @@ def test_quick_run_writes_json_and_table_with_positive_figures(tmp_path):
         (v, p) for v in ("optimized", "straightforward") for p in ("generator", "discriminator", "joint")}
     for s in steps:
         assert s["images_per_s"] > 0 and s["peak_memory_mib"] > s["state_memory_mib"] > 0
-        assert s["flops_per_image"] > 0 and len(s["step_s"]) == 2
+        assert s["flops_per_image"] > 0 and len(s["step_s"]) == 1  # --steps 1
         assert set(s["shares"]) == set(SHARES) and sum(s["shares"].values()) == pytest.approx(1, abs=0.02)
         assert all(v >= 0 for v in s["shares"].values())
     joint = next(s for s in steps if s["variant"] == "optimized" and s["phase"] == "joint")
@@ -164,7 +170,7 @@ def test_projection_scales_the_measured_step_time_to_the_paper_schedule():
 @pytest.mark.slow  # a fresh interpreter importing torch, then a few small passes
 def test_loader_benchmark_prints_every_rate_and_the_ratios():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader.py"), "--images", "160",
-                             "--shard-size", "40", "--repeats", "2"], capture_output=True, text=True, timeout=300,
+                             "--shard-size", "40", "--repeats", "2"], capture_output=True, text=True, timeout=600,
                             cwd=ROOT)
     assert result.returncode == 0, result.stderr
     rates = {re.split(r"\s{2,}", line.strip())[0]: float(line.split()[-4]) for line in result.stdout.splitlines()
