@@ -52,6 +52,7 @@ class TrainRequest:
     storage_options: dict = field(default_factory=dict)
     cpus_per_worker: float = 1.0
     resource_timeout_s: float = 0.0
+    evaluate: bool = True  # after training: the final checkpoint beside classical methods on held-out images
 
     @property
     def min_workers(self) -> int:
@@ -86,7 +87,8 @@ class TrainRequest:
         return cls(config=config, storage=storage.normalize(args.storage), name=name,
                    workers=parse_workers(str(args.workers)), gpu=args.gpu, max_failures=args.max_failures,
                    storage_options=_storage_options(args.storage_option),
-                   cpus_per_worker=args.cpus_per_worker, resource_timeout_s=timeout)
+                   cpus_per_worker=args.cpus_per_worker, resource_timeout_s=timeout,
+                   evaluate=not getattr(args, "no_evaluate", False))
 
 
 def _storage_options(items: list[str]) -> dict:
@@ -116,6 +118,8 @@ class TrainSummary:
     phase: str | None
     checkpoint: str | None
     error: str | None = None
+    evaluation: str | None = None  # the final checkpoint beside classical methods, as printed
+    report: str | None = None  # its report.md
 
     def describe(self) -> str:
         lines = [f"run {self.run.name}: " + (f"step {self.step}, phase {self.phase}" if self.ok
@@ -126,7 +130,29 @@ class TrainSummary:
                   f"  tensorboard:       tensorboard --logdir {self.run.tensorboard}",
                   f"  sample grids:      {self.run.samples}/step_*.png",
                   f"  resolved config:   {self.run.config}"]
+        if self.report:
+            lines.append(f"  evaluation report: {self.report}")
+        if self.evaluation:
+            lines += ["", self.evaluation]
         return "\n".join(lines)
+
+
+def evaluate_final(checkpoint: str, request: TrainRequest) -> tuple[str, str | None]:
+    """(the comparison table, its report.md) of the final checkpoint beside mean fill, Telea and biharmonic.
+
+    Training has succeeded by now, so a failure here is reported, not raised.
+    """
+    from cluster import evaluation
+
+    try:
+        comparison = evaluation.compare_with_baselines(checkpoint, evaluation.EvaluationRequest(
+            storage_options=request.storage_options, device="cuda" if request.gpu else "cpu"))
+    except evaluation.USER_ERRORS as exc:
+        log.warning("final evaluation failed: %s", exc)
+        return f"final evaluation failed: {exc}", None
+    from inpaint.evaluation import REPORT_FILE
+
+    return comparison.describe(), storage.join(comparison.model.output, REPORT_FILE)
 
 
 def _check_data(request: TrainRequest) -> None:
@@ -249,8 +275,20 @@ def ensure_ray() -> None:
                                                                            os.environ.get("PYTHONPATH")]))}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        ray.init(runtime_env=runtime_env, log_to_driver=True)
+        return
+    # The local default starts its own Ray even when another one runs on this machine (a second checkout,
+    # a test): plain ray.init() would join the instance that the latest `ray start` recorded, and Ray
+    # Train's helper actors (PlacementGroupCleaner) find the state API by looking at the machine, which
+    # with several instances fails ("Found multiple active Ray instances") or finds the wrong one. So:
+    # address="local", and the dashboard (the state API) on a port chosen here, named to every worker.
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dashboard_port = probe.getsockname()[1]
+    runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+             runtime_env=runtime_env, log_to_driver=True)
 
 
 def _check_placeable(request: TrainRequest) -> None:
@@ -340,4 +378,7 @@ def run_training(request: TrainRequest) -> TrainSummary:
             with checkpoint.as_directory() as directory:
                 meta = read_meta(directory)
             step, phase = meta["step"], meta["phase"]
-    return TrainSummary(ok=True, run=request.run, step=step, phase=phase, checkpoint=location)
+    summary = TrainSummary(ok=True, run=request.run, step=step, phase=phase, checkpoint=location)
+    if request.evaluate and location is not None:
+        summary.evaluation, summary.report = evaluate_final(location, request)
+    return summary
