@@ -13,8 +13,10 @@ retention deletes the oldest), and with an interval keeps polling until the late
 phase is ``done``. Concurrent watchers never evaluate one checkpoint twice: each first creates
 ``evaluations/<name>/CLAIM`` exclusively (``O_EXCL`` locally, ``If-None-Match: *`` on S3, which
 s3fs sends for mode ``"xb"``); on S3 the claim is also re-read after a pause, for stores that
-ignore the condition. A claim older than ``claim_timeout_s`` (a crashed evaluator) is taken over
-by whoever first creates the takeover marker named after that claim.
+ignore the condition. The holder rewrites its claim every ``claim_timeout_s / 4`` while it
+evaluates (:class:`ClaimHeartbeat`), so a claim not written for ``claim_timeout_s`` is a crashed
+evaluator's, however long one evaluation takes; it is taken over by whoever first creates the
+takeover marker named after that claim.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -51,7 +54,8 @@ DEFAULT_IMAGES = 128
 RAY_MIN_IMAGES = 2000  # below this, starting Ray costs more than it saves
 CLAIM_FILE = "CLAIM"
 UNLOADABLE_FILE = "UNLOADABLE"  # beside CLAIM: this checkpoint verifies but cannot be loaded; never retried
-CLAIM_TIMEOUT_S = 2 * 3600.0
+CLAIM_TIMEOUT_S = 600.0  # renewed every 150 s while held; a crashed pass's claims are free by the next
+                         # CronJob tick (30 min): see k8s/base/evaluate-cronjob.yaml
 CLAIM_SETTLE_S = 2.0
 EVALUATIONS = "evaluations"
 COMPARED_BASELINES = ("mean", "telea", "biharmonic")  # the floor, and the two classical methods to beat
@@ -444,6 +448,67 @@ def release(folder: str) -> None:
     fs.rm(f"{path}/{CLAIM_FILE}")
 
 
+class ClaimHeartbeat:
+    """Renews a held claim every ``timeout_s / 4`` seconds from a background thread, until stopped.
+
+    A claim is stale when its CLAIM file has not been written for ``timeout_s``; rewriting it while
+    the evaluation runs means only a holder that died (or froze for a whole timeout) loses it, however
+    long one evaluation takes. A renewal first re-reads the claim: one that another owner took over
+    is left alone (``lost``). ``stop`` waits for a renewal in flight, so a release after it is final.
+    Use as a context manager (stops on exit) around the work done under the claim.
+    """
+
+    def __init__(self, folder: str, owner: str, timeout_s: float):
+        self.folder, self.owner = folder, owner
+        self.every_s = max(timeout_s / 4, 0.001)
+        self.renewals = 0
+        self.lost = False
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"claim-heartbeat-{_name(folder)}", daemon=True)
+
+    def __enter__(self) -> "ClaimHeartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:  # no renewal is half done once this returns
+            pass
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                try:
+                    if not self._renew():
+                        return
+                except Exception as exc:  # a store hiccup: the next beat tries again, well within the timeout
+                    log.warning("could not renew the claim on %s (%s)", self.folder, _reason(exc))
+
+    def _renew(self) -> bool:
+        fs, path = storage.fsspec_filesystem(self.folder)
+        claim_path = f"{path}/{CLAIM_FILE}"
+        try:
+            holder = json.loads(fs.cat_file(claim_path)).get("owner")
+        except FileNotFoundError:
+            holder = None
+        if holder != self.owner:
+            self.lost = True
+            log.warning("the claim on %s is no longer ours (held by %s); stopped renewing it", self.folder, holder)
+            return False
+        with fs.open(claim_path, "wb") as f:
+            f.write(_claim_record(self.owner))
+        self.renewals += 1
+        return True
+
+
 # ------------------------------------------------------------------ watch
 @dataclass
 class WatchSummary:
@@ -483,22 +548,32 @@ def _list_checkpoints(run_url: str) -> list[tuple[str, dict[str, Any]]]:
     return checkpoints
 
 
-def _evaluate_claimed(checkpoint_url: str, folder: str, request: EvaluationRequest, summary: WatchSummary) -> None:
-    """Evaluate a claimed checkpoint; a deleted one is skipped, an incomplete one released for later."""
+def _evaluate_claimed(checkpoint_url: str, folder: str, request: EvaluationRequest, summary: WatchSummary,
+                      heartbeat: ClaimHeartbeat) -> None:
+    """Evaluate a claimed checkpoint; a deleted one is skipped, an incomplete one released for later.
+
+    ``heartbeat`` renews the claim meanwhile; it is stopped before any release, so that a renewal
+    cannot recreate a released CLAIM.
+    """
     name = _name(checkpoint_url)
+
+    def release_claim() -> None:
+        heartbeat.stop()
+        release(folder)
+
     try:
         subject = load_subject(checkpoint_url)
     except ckpt.UnloadableCheckpoint as exc:
         log.warning("skipping %s: %s", name, exc)
         storage.write_text(storage.join(folder, UNLOADABLE_FILE), f"{exc}\n")
-        release(folder)
+        release_claim()
         summary.unloadable.append(name)
         return
     except (ckpt.CheckpointError, storage.StorageError) as exc:
         fs, path = storage.fsspec_filesystem(checkpoint_url)
         if fs.exists(f"{path}/{ckpt.META_FILE}"):
             log.warning("%s is not complete yet (%s); will retry on the next poll", name, _reason(exc))
-            release(folder)
+            release_claim()
         else:
             log.warning("%s was deleted (checkpoint retention?) before it could be evaluated; skipped", name)
             summary.skipped.append(name)
@@ -506,7 +581,7 @@ def _evaluate_claimed(checkpoint_url: str, folder: str, request: EvaluationReque
     try:
         result = evaluate_subject(subject, replace(request, output=folder), folder)
     except BaseException:
-        release(folder)  # let a later poll, or another watcher, try again
+        release_claim()  # let a later poll, or another watcher, try again
         raise
     log.info("%s", result.describe())
     summary.evaluated.append(name)
@@ -532,7 +607,8 @@ def watch(run_url: str, request: EvaluationRequest, *, interval: float | None = 
             if not claim(folder, owner, timeout_s=claim_timeout_s, settle_s=settle_s):
                 log.info("%s is claimed by another evaluator; leaving it", _name(checkpoint_url))
                 continue
-            _evaluate_claimed(checkpoint_url, folder, request, summary)
+            with ClaimHeartbeat(folder, owner, claim_timeout_s) as heartbeat:
+                _evaluate_claimed(checkpoint_url, folder, request, summary, heartbeat)
         summary.finished = bool(checkpoints) and checkpoints[-1][1].get("phase") == "done"
         if interval is None or summary.finished or (max_polls is not None and summary.polls >= max_polls):
             return summary

@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--interval", type=positive_float, metavar="SECONDS",
                         help="with --watch: keep polling at this interval until the run is done")
     parser.add_argument("--max-polls", type=positive_int, metavar="N", help="with --watch --interval: stop after N polls")
-    parser.add_argument("--claim-timeout", type=positive_float, default=7200.0, metavar="SECONDS",
-                        help="with --watch: a claim older than this is a crashed evaluator's and is taken over")
+    parser.add_argument("--claim-timeout", type=positive_float, default=600.0, metavar="SECONDS",
+                        help="with --watch: a claim not renewed for this long (its holder renews it every "
+                             "SECONDS/4) is a crashed evaluator's and is taken over (default: 600)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra fsspec option for the data URL, e.g. endpoint_url=http://minio:9000")
