@@ -161,9 +161,9 @@ def _check_data(request: TrainRequest) -> None:
     data = request.config.data
     try:
         index = load_index(data.url, request.storage_options or None)
+        available = index.split_size(data.train_split)  # a mistyped data.train_split is a DataError too
     except DataError as exc:
         raise UserError(str(exc)) from None
-    available = index.split_size(data.train_split)
     needed = data.batch_size * (request.workers if isinstance(request.workers, int) else request.workers[1])
     if available < needed:
         raise UserError(f"data {data.url}: split {data.train_split!r} has {available} images, fewer than one "
