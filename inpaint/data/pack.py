@@ -162,10 +162,12 @@ def pack_dataset(kind: str, source: str | Path | None, output_url: str, shard_si
     ``shard_size`` defaults to DEFAULT_SHARD_SIZE images (SAMPLE_SHARD_SIZE for ``sample``).
     """
     started = time.perf_counter()
-    shard_size = shard_size or (SAMPLE_SHARD_SIZE if kind == "sample" else DEFAULT_SHARD_SIZE)
+    if shard_size is None:  # not `or`: 0 is a mistake, not "the default"
+        shard_size = SAMPLE_SHARD_SIZE if kind == "sample" else DEFAULT_SHARD_SIZE
     if shard_size < 1:
         raise DataError(f"shard size must be >= 1, got {shard_size}")
     output = Output(str(output_url), storage_options)
+    output.check_writable()
     if output.exists(INDEX_NAME):
         raise DataError(f"{output.url} already holds a packed dataset ({INDEX_NAME}); "
                         "choose another --output or delete it")

@@ -158,6 +158,18 @@ class Output:
         self.fs, self.path = filesystem(self.url, storage_options)
         self.fs.invalidate_cache()  # listings cached by an earlier run in this process may be stale
 
+    def check_writable(self) -> None:
+        """A DataError now, before any work, when a local output folder cannot be created or written."""
+        if not is_local(self.fs):
+            return  # an object store says so on the first upload (and buckets are never created)
+        path = os.path.abspath(self.path)
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            raise DataError(f"cannot write {self.url}: {path} is a file, not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise DataError(f"cannot write {self.url}: {path} is not writable")
+
     def exists(self, name: str) -> bool:
         try:
             return self.fs.exists(join_url(self.path, name))
@@ -175,7 +187,10 @@ class Output:
         temporary file that is uploaded. Either way it is gone afterwards, success or not.
         """
         if is_local(self.fs):
-            os.makedirs(self.path, exist_ok=True)
+            try:
+                os.makedirs(self.path, exist_ok=True)
+            except OSError as exc:
+                raise DataError(f"cannot write {self.url}: {_reason(exc)}") from None
             local = join_url(self.path, f"{name}.partial")
         else:
             local = _temp_path(name)
