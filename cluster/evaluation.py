@@ -529,7 +529,10 @@ class WatchSummary:
 
 def run_data_url(run_url: str) -> str:
     """data.url of the run's config.json, for a watcher given no --data."""
-    document = _read_json(storage.join(run_url, "config.json"))
+    try:
+        document = _read_json(storage.join(run_url, "config.json"))
+    except Exception as exc:  # any client error: no credentials, unreachable endpoint, no such bucket
+        raise storage.StorageError(f"{run_url}: cannot be read ({_reason(exc)})") from None
     if document is None:
         raise EvaluationError(f"{run_url}: no config.json to take the data URL from; pass --data")
     url = Config.from_dict(document).data.url

@@ -38,3 +38,19 @@ def test_a_zero_shard_size_is_refused_not_taken_for_the_default(tmp_path):
     assert not Path(tmp_path / "out").exists()
     run_cli("make_shards", "--dataset", "sample", "--output", str(tmp_path / "out"),
             "--shard-size", "0").assert_one_line_error(r"--shard-size: must be >= 1")
+
+
+def test_watch_of_an_unreachable_store_is_one_error_line(monkeypatch):
+    import s3fs
+
+    from tests.conftest import _free_port
+
+    for name, value in (("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}"), ("AWS_ACCESS_KEY_ID", "x"),
+                        ("AWS_SECRET_ACCESS_KEY", "y"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        run_cli("evaluate", "--watch", "s3://no-such-bucket/runs/a").assert_one_line_error(
+            r"s3://no-such-bucket/runs/a: cannot be read")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
