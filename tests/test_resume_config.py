@@ -31,7 +31,9 @@ def runs(template_runs, tmp_path, monkeypatch) -> Path:
 
 
 def _train(runs: Path, data: str, *args: str):
-    return run_cli("train", "--storage", str(runs), "--name", "debug-sample", "--data", data, *args)
+    # The run was trained with the debug recipe; a later --recipe in args wins (argparse keeps the last).
+    return run_cli("train", "--recipe", "debug", "--storage", str(runs), "--name", "debug-sample", "--data", data,
+                   *args)
 
 
 @pytest.mark.parametrize("args,fields", [
@@ -83,6 +85,7 @@ def test_the_same_command_still_resumes(runs, sample_dataset):
 
     cli_main("train")
     args = _MODULES["train"].build_parser().parse_args(
-        ["--storage", str(runs), "--name", "debug-sample", "--data", sample_dataset, "--set", "log.every_steps=1"])
+        ["--recipe", "debug", "--storage", str(runs), "--name", "debug-sample", "--data", sample_dataset,
+         "--set", "log.every_steps=1"])
     request = launch.TrainRequest.from_args(args, default_data="unused")
     launch.check_resume(request)  # no error: only a resumable field changed
