@@ -25,7 +25,9 @@ PHASE_TAGS = ("loss/generator/g_rec", "loss/generator/g_cx", "loss/discriminator
 
 
 def run_train(*args: str, timeout: float = 400, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout,
+    # The tiny debug recipe unless the test names another (argparse keeps the last --recipe).
+    return subprocess.run([sys.executable, TRAIN, "--recipe", "debug", *args], capture_output=True, text=True,
+                          timeout=timeout,
                           env=env or os.environ.copy(), cwd=REPO)
 
 
@@ -85,7 +87,8 @@ def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint(sample_dataset, tm
     storage = tmp_path / "runs"
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(
-            [sys.executable, TRAIN, "--data", sample_dataset, "--storage", str(storage), "--name", "killed",
+            [sys.executable, TRAIN, "--recipe", "debug", "--data", sample_dataset, "--storage", str(storage),
+             "--name", "killed",
              "--workers", "2", "--max-failures", "2", "--set", "schedule.joint_steps=60",
              "--set", "checkpoint.every_steps=4"],
             stdout=log_file, stderr=subprocess.STDOUT, text=True, cwd=REPO)
@@ -133,7 +136,7 @@ def test_ray_job_submit_against_a_head_on_localhost(sample_dataset, tmp_path):
         for _ in range(30):  # the job agent comes up a few seconds after `ray start` returns
             submit = subprocess.run(
                 [RAY_CLI, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--",
-                 sys.executable, TRAIN, "--data", sample_dataset, "--storage", str(tmp_path / "runs"),
+                 sys.executable, TRAIN, "--recipe", "debug", "--data", sample_dataset, "--storage", str(tmp_path / "runs"),
                  "--name", "submitted", "--workers", "1"],
                 capture_output=True, text=True, env=env, timeout=400, cwd=REPO)
             if "No available agent" not in submit.stderr + submit.stdout:
