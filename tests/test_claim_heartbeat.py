@@ -8,7 +8,6 @@ every claim_timeout/4 seconds until it is done, so only a crashed holder's claim
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -16,20 +15,10 @@ from pathlib import Path
 import pytest
 
 from cluster import evaluation as cev
-from tests.cli_harness import train_debug_run
-from tests.test_unloadable_checkpoints import NEW, OLD
+from tests.test_unloadable_checkpoints import NEW, OLD, run, template_run  # noqa: F401  (fixtures)
 
 TIMEOUT_S = 1.0  # far shorter than the slowed evaluation below
 
-
-@pytest.fixture(scope="module")
-def template_run(tmp_path_factory, sample_dataset) -> Path:
-    return train_debug_run(tmp_path_factory.mktemp("heartbeat") / "run", sample_dataset)
-
-
-@pytest.fixture
-def run(template_run, tmp_path) -> Path:
-    return Path(shutil.copytree(template_run, tmp_path / "run"))
 
 
 def test_a_renewed_claim_is_never_stale_and_a_stopped_one_goes_stale(tmp_path):
