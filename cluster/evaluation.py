@@ -91,9 +91,12 @@ class EvaluationResult:
     output: str
     document: dict[str, Any]
 
+    def headline(self) -> str:
+        return (f"evaluation written to {self.output} "
+                f"({self.document['protocol']['count']} images, {self.document['elapsed_s']:.1f} s)")
+
     def describe(self) -> str:
-        lines = [f"evaluation written to {self.output} "
-                 f"({self.document['protocol']['count']} images, {self.document['elapsed_s']:.1f} s)"]
+        lines = [self.headline()]
         for kind, figures in self.document["metrics"].items():
             lines.append(f"  {kind:<15} PSNR {figures['psnr']['mean']:6.2f} dB  SSIM {figures['ssim']['mean']:.3f}  "
                          f"hole PSNR {figures['hole_psnr']['mean']:6.2f} dB")
@@ -351,7 +354,7 @@ class Comparison:
 
     def describe(self) -> str:
         documents = [self.model.document, *(result.document for result in self.baselines)]
-        lines = [self.model.describe().splitlines()[0], "",
+        lines = [self.model.headline(), "",
                  "hole PSNR (dB), held-out images, same holes for every method:",
                  *ev.comparison_table(documents), "", "whole-image PSNR (dB):",
                  *ev.comparison_table(documents, "psnr"), "", "whole-image SSIM:",

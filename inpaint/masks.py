@@ -110,10 +110,13 @@ def center_mask(height: int, width: int, area_fraction: float) -> Tensor:
     _check_size(height, width)
     if not 0 < area_fraction <= 1:
         raise ValueError(f"area_fraction must be in (0, 1], got {area_fraction}")
-    scale = math.sqrt(area_fraction)
-    hole_h = max(1, round(height * scale))
-    hole_w = max(1, round(width * scale))
+    hole_h, hole_w = _center_side(height, area_fraction), _center_side(width, area_fraction)
     return _rect_mask(height, width, (height - hole_h) // 2, (width - hole_w) // 2, hole_h, hole_w)
+
+
+def _center_side(size: int, area_fraction: float) -> int:
+    """The side (px) along ``size`` of a centred hole covering ``area_fraction`` of the area."""
+    return max(1, round(size * math.sqrt(area_fraction)))
 
 
 def _side_range(size: int, min_side: float, max_side: float, max_extent: int | None) -> tuple[int, int]:
@@ -359,14 +362,14 @@ class MaskSampler:
 def evaluation_hole_side(kind: str, image_size: int, local_size: int) -> int:
     """The largest side (px) of an evaluation hole of this kind."""
     if kind in _EVAL_CENTER_AREA:
-        return max(1, round(image_size * math.sqrt(_EVAL_CENTER_AREA[kind])))
+        return _center_side(image_size, _EVAL_CENTER_AREA[kind])
     return _side_range(image_size, *_EVAL_RANDOM_SIDES, local_size)[1]
 
 
 def training_hole_side(mask_cfg: MaskConfig, image_size: int, local_size: int) -> int:
     """The largest rectangle side (px) training draws: what the generator has learnt to fill whole."""
     rect = _side_range(image_size, mask_cfg.min_side, mask_cfg.max_side, local_size)[1]
-    center = max(1, round(image_size * math.sqrt(mask_cfg.center_area)))
+    center = _center_side(image_size, mask_cfg.center_area)
     return {"random": rect, "center": center, "mixed": max(rect, center)}.get(mask_cfg.kind, 0)
 
 
