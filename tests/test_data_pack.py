@@ -209,10 +209,32 @@ def test_folder_packs_identically_to_s3_and_to_a_local_folder(tmp_path, photos, 
     assert [s.skipped for s in summaries] == [[("a/broken.jpg", summaries[0].skipped[0][1])]] * 2
     assert _check_index(local) == _check_index(remote)
     assert sorted(k for split in _check_index(local).values() for k in split) == sorted(keys)
-    assert len(_check_index(local)["test"]) in (2, 3)  # 3 of the 13 files; the broken one may be among them
+    assert len(_check_index(local)["test"]) == 3  # 3 of the 12 that decode: the broken file takes no place
     assert {split: [s.sha256 for s in info.shards] for split, info in load_index(local).splits.items()} == \
         {split: [s.sha256 for s in info.shards] for split, info in load_index(remote).splits.items()}
     assert "png" in _shard_members(local, load_index(local))["a/img_3"]
+
+
+@pytest.mark.parametrize("kind", ["folder", "lfw"])
+def test_a_seeded_split_is_drawn_over_the_images_that_decode(tmp_path, photos, kind):
+    """Damaged files never take test places: with any seed, both splits get images that decode."""
+    rng = np.random.default_rng(3)
+    source = tmp_path / "src"
+    if kind == "folder":  # 2 of 6 decode
+        source.mkdir()
+        for i in range(6):
+            (source / f"{i}.jpg").write_bytes(_jpeg(photos, rng) if i in (1, 4) else b"not a jpeg")
+    else:  # 3 people of 8 have a readable photo
+        for i in range(8):
+            (source / "lfw" / f"P_{i}").mkdir(parents=True)
+            (source / "lfw" / f"P_{i}" / f"P_{i}_0001.jpg").write_bytes(_jpeg(photos, rng) if i in (0, 3, 6) else b"x")
+    for seed in range(8):
+        out = tmp_path / f"out{seed}"
+        summary = pack_dataset(kind, source, str(out), seed=seed, progress=False, **(
+            {"test_fraction": 0.5} if kind == "folder" else {}))
+        assert len(summary.skipped) == (4 if kind == "folder" else 5)
+        keys = _check_index(str(out))
+        assert keys.get("train") and keys.get("test"), f"seed {seed}: {keys}"
 
 
 def test_rerun_refuses_a_finished_output_and_resumes_an_interrupted_one(tmp_path, photos):

@@ -13,6 +13,7 @@ samples (same source, seed and shard size), else rewritten.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import io
@@ -175,6 +176,9 @@ def pack_dataset(kind: str, source: str | Path | None, output_url: str, shard_si
         checked, unreadable = _check_all(listing.images, progress)
         if not checked:
             raise DataError(f"{source}: none of the {len(listing.images)} images could be read")
+        # The seeded split is drawn over the images that decode (same draw when all of them do).
+        redrawn = {image.name: image for image in listing.without({name for name, _ in unreadable})}
+        checked = [dataclasses.replace(c, image=redrawn[c.image.name]) for c in checked]
         plan = plan_shards(checked, shard_size, seed)
         splits, reused = {}, 0
         with tqdm(total=len(checked), desc="writing shards", unit="img", disable=not progress) as bar:

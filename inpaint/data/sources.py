@@ -14,12 +14,16 @@
   ``test``, so no test pixel is in any training tile; training takes random crops of the
   training tiles, new each epoch.
 
-Nothing here decodes images: the packer checks every image and reports the unreadable ones.
+Nothing here decodes images: the packer checks every image and reports the unreadable ones. A
+seeded split is drawn again over the images that decode (:meth:`SourceListing.without`), so an
+unreadable file never takes a place in the test split.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import io
@@ -69,6 +73,19 @@ class SourceListing:
     images: list[SourceImage]
     skipped: list[tuple[str, str]]  # (name, reason): listed images that cannot be packed
     split_method: str
+    # For seeded splits: the split labels of the given images, drawn over those images only.
+    draw_splits: Callable[[list[SourceImage]], list[str]] | None = field(default=None, repr=False)
+
+    def without(self, unreadable: set[str]) -> list[SourceImage]:
+        """The images but the ``unreadable`` names; a seeded split is drawn again over those left.
+
+        Drawing over every listed file and then dropping the ones that do not decode could empty
+        a split (a folder of 10 images whose one test image is damaged packs no test split).
+        """
+        kept = [image for image in self.images if image.name not in unreadable]
+        if self.draw_splits is None or not unreadable:
+            return kept
+        return [dataclasses.replace(image, split=label) for image, label in zip(kept, self.draw_splits(kept))]
 
 
 def _key(stem: str) -> str:
@@ -219,7 +236,6 @@ def _lfw(source: Path, split: str, seed: int, stack: contextlib.ExitStack) -> So
     people_root, extra_dirs = _lfw_folders(source, stack)
     people = {d.name: sorted(p for p in d.iterdir() if _is_image(p))
               for d in sorted(people_root.iterdir()) if d.is_dir()}
-    total = sum(len(files) for files in people.values())
     lists = {name: _first_existing(*(d / f"people{name}.txt" for d in extra_dirs)) for name in ("DevTrain", "DevTest")}
     skipped = []
     if split == "official" and all(lists.values()):
@@ -229,16 +245,27 @@ def _lfw(source: Path, split: str, seed: int, stack: contextlib.ExitStack) -> So
                    for p in people if p not in assignment for f in people[p]]
         method = "official (peopleDevTrain.txt / peopleDevTest.txt)"
     else:
-        target, seen, assignment = round(total * LFW_TRAIN_SHARE), 0, {}
-        for person in _seeded_shuffle(sorted(people), seed, "lfw"):
-            assignment[person] = "train" if seen < target else "test"
-            seen += len(people[person])
+        assignment = _person_split(collections.Counter({p: len(files) for p, files in people.items()}), seed)
         method = f"by person, seeded (seed {seed}; ~{LFW_TRAIN_SHARE:.0%} of the images train)"
     files = [(p, f) for p in sorted(assignment) for f in people[p]]
     keys = _unique_keys([f.stem for _, f in files])
     images = [SourceImage(f"{people_root.name}/{p}/{f.name}", k, assignment[p], f.read_bytes)
               for (p, f), k in zip(files, keys)]
-    return SourceListing(images, skipped, method)
+    person_of = {image.name: p for image, (p, _) in zip(images, files)}
+
+    def draw(kept: list[SourceImage]) -> list[str]:
+        split = _person_split(collections.Counter(person_of[image.name] for image in kept), seed)
+        return [split[person_of[image.name]] for image in kept]
+    return SourceListing(images, skipped, method, None if method.startswith("official") else draw)
+
+
+def _person_split(images_per_person: dict[str, int], seed: int) -> dict[str, str]:
+    """Seeded person -> split: people in a shuffled order train until ~LFW_TRAIN_SHARE of the images do."""
+    target, seen, assignment = round(sum(images_per_person.values()) * LFW_TRAIN_SHARE), 0, {}
+    for person in _seeded_shuffle(sorted(images_per_person), seed, "lfw"):
+        assignment[person] = "train" if seen < target else "test"
+        seen += images_per_person[person]
+    return assignment
 
 
 # ---------------------------------------------------------------- any folder, built-in sample
@@ -261,7 +288,8 @@ def _folder(root: Path, seed: int, test_fraction: float) -> SourceListing:
     keys = _unique_keys([r.rsplit(".", 1)[0] for r in relative])
     splits = _random_split(len(files), seed, test_fraction, "folder")
     images = [SourceImage(r, k, s, p.read_bytes) for r, k, s, p in zip(relative, keys, splits, files)]
-    return SourceListing(images, [], f"random, seeded (seed {seed}, test fraction {test_fraction})")
+    return SourceListing(images, [], f"random, seeded (seed {seed}, test fraction {test_fraction})",
+                         lambda kept: _random_split(len(kept), seed, test_fraction, "folder"))
 
 
 def sample_photo(name: str) -> np.ndarray:
