@@ -387,3 +387,22 @@ def test_bfloat16_autocast_on_cpu():
     assert prediction.dtype == torch.bfloat16
     assert torch.allclose(prediction.float(), expected, atol=0.05)
     assert logits.shape == (2,) and torch.isfinite(logits).all()
+
+
+def test_discriminator_fc_runs_in_fp32_under_autocast_unless_switched_off():
+    m = recipes.get("debug").model
+    torch.manual_seed(0)
+    default = build_discriminator(m).eval()
+    bf16_fc = build_discriminator(m, fc_fp32=False).eval()
+    bf16_fc.load_state_dict(default.state_dict())  # the switch changes no weight or state-dict key
+    assert default.global_net.features.fc_fp32 and default.local_net.features.fc_fp32
+    assert not bf16_fc.global_net.features.fc_fp32 and not bf16_fc.local_net.features.fc_fp32
+    image = torch.rand(2, 3, 32, 32)
+    patch = image[:, :, 8:24, 8:24].contiguous()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32_features = default.global_net(image), default.local_net(patch)
+        bf16_features = bf16_fc.global_net(image), bf16_fc.local_net(patch)
+    assert all(f.dtype == torch.float32 for f in fp32_features)
+    assert all(f.dtype == torch.bfloat16 for f in bf16_features)
+    with torch.no_grad():  # without autocast the switch changes nothing
+        assert torch.equal(default(image, patch), bf16_fc(image, patch))

@@ -30,11 +30,14 @@ def build_generator(model_cfg: ModelConfig) -> Generator:
                      model_cfg.arch)
 
 
-def build_discriminator(model_cfg: ModelConfig) -> ContextDiscriminator:
-    """The context discriminator described by ``model_cfg``, FC sizes fitted to its image/local sizes."""
+def build_discriminator(model_cfg: ModelConfig, *, fc_fp32: bool = True) -> ContextDiscriminator:
+    """The context discriminator described by ``model_cfg``, FC sizes fitted to its image/local sizes.
+
+    ``fc_fp32=False`` lets autocast run its FC layers in bf16 (see :mod:`inpaint.models.discriminator`).
+    """
     return ContextDiscriminator(model_cfg.image_size, model_cfg.local_size, model_cfg.disc_width,
                                 model_cfg.block, model_cfg.se_reduction, model_cfg.fc_features,
-                                model_cfg.disc_tail_stride, model_cfg.arch)
+                                model_cfg.disc_tail_stride, model_cfg.arch, fc_fp32=fc_fp32)
 
 
 def count_parameters(module: nn.Module) -> int:

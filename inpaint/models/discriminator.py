@@ -13,6 +13,11 @@ adds the paper's sixth 8w conv to the global net. At 160 / 96 px and w = 64 the 
 discriminator holds 39.6 M (glcic) or 37.7 M (glcic_places2) parameters.
 
 Inputs are images in [0, 1], shifted to [-1, 1] like the generator's input.
+
+``fc_fp32`` (every class, default True): the FC layers run outside ``torch.autocast``, in fp32,
+whatever the rest runs in. False lets autocast run them in bf16 like the convolutions; the
+weights and the state dict are the same either way. The default is what training uses; False
+exists so that ``benchmarks/ablations.py`` can time what the fp32 FC saves.
 """
 
 from __future__ import annotations
@@ -54,18 +59,22 @@ def _glcic_convs(widths: tuple[int, ...]) -> list[nn.Module]:
 class _Features(nn.Module):
     """Conv stack, flatten, FC-ReLU: the shared tail of the global and local discriminators."""
 
-    def __init__(self, convs: list[nn.Module], out_channels: int, out_side: int, fc_features: int):
+    def __init__(self, convs: list[nn.Module], out_channels: int, out_side: int, fc_features: int,
+                 fc_fp32: bool = True):
         super().__init__()
         self.convs = nn.Sequential(*convs)
         self.fc = nn.Linear(out_channels * out_side * out_side, fc_features)
+        self.fc_fp32 = fc_fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.convs(2 * x - 1).flatten(1)
+        # ReLU after the FC keeps it from composing with the context head into one linear map.
+        if not self.fc_fp32:
+            return torch.relu(self.fc(features))
         # The FC holds most of the weights (128 M of 156 M at 160 px) for a small product: under
         # autocast, casting it to bf16 every forward (256 MB of copies) and its gradient back costs
         # more than the fp32 product itself (benchmarks/RESULTS.md), so it stays fp32.
         with _without_autocast(features.device.type):
-            # ReLU after the FC keeps it from composing with the context head into one linear map.
             return torch.relu(self.fc(features.float()))
 
 
@@ -73,7 +82,7 @@ class GlobalDiscriminator(nn.Module):
     """Whole-image critic: (B, 3, S, S) in [0, 1] -> (B, fc_features) features."""
 
     def __init__(self, image_size: int, width: int = 64, block: str = "se_res", se_reduction: int = 16,
-                 fc_features: int = 1024, tail_stride: int = 1, arch: str = "paper"):
+                 fc_features: int = 1024, tail_stride: int = 1, arch: str = "paper", *, fc_fp32: bool = True):
         super().__init__()
         if image_size < 16 or image_size % 16:
             raise ValueError(f"GlobalDiscriminator: image_size must be a multiple of 16, got {image_size}")
@@ -93,7 +102,7 @@ class GlobalDiscriminator(nn.Module):
             widths += (8 * width,) if arch == "glcic_places2" else ()
             convs = _glcic_convs(widths)
             side = _halved(image_size, len(widths))
-        self.features = _Features(convs, 8 * width, side, fc_features)
+        self.features = _Features(convs, 8 * width, side, fc_features, fc_fp32)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         _check_size("GlobalDiscriminator", images, self.image_size)
@@ -104,7 +113,7 @@ class LocalDiscriminator(nn.Module):
     """Critic of the patch around the hole: (B, 3, L, L) in [0, 1] -> (B, fc_features) features."""
 
     def __init__(self, local_size: int, width: int = 64, block: str = "se_res", se_reduction: int = 16,
-                 fc_features: int = 1024, tail_stride: int = 1, arch: str = "paper"):
+                 fc_features: int = 1024, tail_stride: int = 1, arch: str = "paper", *, fc_fp32: bool = True):
         super().__init__()
         if local_size < 8 or local_size % 8:
             raise ValueError(f"LocalDiscriminator: local_size must be a multiple of 8, got {local_size}")
@@ -121,7 +130,7 @@ class LocalDiscriminator(nn.Module):
         else:
             convs = _glcic_convs((width, 2 * width, 4 * width, 8 * width, 8 * width))
             side = _halved(local_size, 5)
-        self.features = _Features(convs, 8 * width, side, fc_features)
+        self.features = _Features(convs, 8 * width, side, fc_features, fc_fp32)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         _check_size("LocalDiscriminator", patches, self.local_size)
@@ -138,10 +147,13 @@ class ContextDiscriminator(nn.Module):
     """
 
     def __init__(self, image_size: int, local_size: int, width: int = 64, block: str = "se_res",
-                 se_reduction: int = 16, fc_features: int = 1024, tail_stride: int = 1, arch: str = "paper"):
+                 se_reduction: int = 16, fc_features: int = 1024, tail_stride: int = 1, arch: str = "paper", *,
+                 fc_fp32: bool = True):
         super().__init__()
-        self.global_net = GlobalDiscriminator(image_size, width, block, se_reduction, fc_features, tail_stride, arch)
-        self.local_net = LocalDiscriminator(local_size, width, block, se_reduction, fc_features, tail_stride, arch)
+        self.global_net = GlobalDiscriminator(image_size, width, block, se_reduction, fc_features, tail_stride, arch,
+                                              fc_fp32=fc_fp32)
+        self.local_net = LocalDiscriminator(local_size, width, block, se_reduction, fc_features, tail_stride, arch,
+                                            fc_fp32=fc_fp32)
         self.head = nn.Linear(2 * fc_features, 1)
 
     def forward(self, images: torch.Tensor, local_patches: torch.Tensor) -> torch.Tensor:
