@@ -654,6 +654,196 @@ def test_pods_run_as_non_root_without_privilege_escalation(builds, overlay):
 
 
 # ---------------------------------------------------------------------------------------------
+# Reviewer rules: hardening, over the pods as KubeRay will create them, for every kustomization
+
+IMAGE_HOME = "/home/ray"  # HOME in the rayproject images (user "ray"), read-only under readOnlyRootFilesystem
+WRITABLE_VOLUMES = ("emptyDir", "ephemeral", "persistentVolumeClaim")
+BUILD_NAMES = [directory.relative_to(K8S).as_posix() for directory in kustomization_dirs()] \
+    + ["overlays/celeba+optional/raycronjob"]
+
+
+@pytest.fixture(scope="module")
+def every_build(raycronjob_build) -> dict[str, list[dict[str, Any]]]:
+    """The output of every kustomization under k8s/, and of the celeba overlay with the RayCronJob component."""
+    built = {directory.relative_to(K8S).as_posix(): kustomize(directory) for directory in kustomization_dirs()}
+    built["overlays/celeba+optional/raycronjob"] = raycronjob_build
+    return built
+
+
+class Pod:
+    """A pod as it will run: its labels and spec, with what KubeRay adds to Ray pods."""
+
+    def __init__(self, where: str, namespace: str, labels: dict[str, str], spec: dict[str, Any],
+                 ray_node: str | None = None, cluster: str | None = None, autoscaler: bool = False):
+        self.where, self.namespace, self.labels, self.spec = where, namespace, labels, spec
+        self.ray_node, self.cluster, self.autoscaler = ray_node, cluster, autoscaler
+
+    def all_containers(self) -> list[dict[str, Any]]:
+        return self.spec.get("initContainers", []) + self.spec["containers"]
+
+
+def mount_empty_dir(spec: dict[str, Any], container: dict[str, Any], name: str, path: str, medium: str = "") -> None:
+    """KubeRay's addEmptyDir: mount an emptyDir at `path` unless something is mounted there already."""
+    if any(mount["mountPath"] == path for mount in container.get("volumeMounts", [])):
+        return
+    volumes = spec.setdefault("volumes", [])
+    if not any(volume["name"] == name for volume in volumes):
+        volumes.append({"name": name, "emptyDir": {"medium": medium} if medium else {}})
+    container.setdefault("volumeMounts", []).append({"name": name, "mountPath": path})
+
+
+def kuberay_pod(where: str, namespace: str, template: dict[str, Any], cluster: str, node_type: str, group: str,
+                autoscaler_options: dict[str, Any] | None) -> Pod:
+    """A head or worker pod as KubeRay v1.7.0 builds it from a group's template (controllers/ray/common/pod.go).
+
+    Modelled: the labels (labelPod: KubeRay's own, then the template's, which may not replace node type, group or
+    cluster), the workers' wait-gcs-ready init container (the Ray container's image, securityContext, env and
+    volumeMounts), /dev/shm, and on an autoscaling head the autoscaler sidecar built from autoscalerOptions, which
+    shares an emptyDir ray-logs at /tmp/ray with the Ray container.
+    """
+    spec = copy.deepcopy(template["spec"])
+    labels = {"ray.io/is-ray-node": "yes", "ray.io/identifier": f"{cluster}-{node_type}",
+              "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+    labels.update(template.get("metadata", {}).get("labels", {}))
+    labels.update({"ray.io/cluster": cluster, "ray.io/node-type": node_type, "ray.io/group": group})
+    ray = spec["containers"][0]
+    if node_type == "worker":
+        spec.setdefault("initContainers", []).append({
+            "name": "wait-gcs-ready", "image": ray["image"], "command": ["/bin/bash", "-c", "--"],
+            "args": ["until ray health-check --address HEAD:6379; do sleep 5; done"],
+            "securityContext": copy.deepcopy(ray.get("securityContext")), "env": copy.deepcopy(ray.get("env", [])),
+            "volumeMounts": copy.deepcopy(ray.get("volumeMounts", []))})
+    mount_empty_dir(spec, ray, "shared-mem", "/dev/shm", "Memory")
+    if autoscaler_options is not None:
+        sidecar = {"name": "autoscaler", "image": ray["image"], "command": ["/bin/bash", "-c", "--"],
+                   "args": ["ray kuberay-autoscaler --cluster-name $(RAY_CLUSTER_NAME) ..."],
+                   "env": copy.deepcopy(autoscaler_options.get("env", [])),
+                   "volumeMounts": copy.deepcopy(autoscaler_options.get("volumeMounts", []))}
+        if "securityContext" in autoscaler_options:
+            sidecar["securityContext"] = copy.deepcopy(autoscaler_options["securityContext"])
+        spec["containers"].append(sidecar)
+        for container in (ray, sidecar):
+            mount_empty_dir(spec, container, "ray-logs", "/tmp/ray")
+    return Pod(where, namespace, labels, spec, node_type, cluster, autoscaler_options is not None)
+
+
+def pod_templates(node: Any, where: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every pod template (a mapping whose spec has a containers list) anywhere in a document."""
+    if isinstance(node, dict):
+        if isinstance(node.get("spec"), dict) and isinstance(node["spec"].get("containers"), list):
+            yield where, node
+        for key, value in node.items():
+            yield from pod_templates(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from pod_templates(value, f"{where}[{index}]")
+
+
+def deployed_pods(docs: list[dict[str, Any]]) -> list[Pod]:
+    """Every pod the build makes, Ray pods as KubeRay makes them (a RayJob's cluster gets a generated name)."""
+    pods = []
+    for doc in docs:
+        name, namespace = f"{doc['kind']}/{doc['metadata']['name']}", doc["metadata"].get("namespace", "default")
+        ray_specs = set()
+        for cluster in ray_cluster_specs(doc):
+            cluster_name = doc["metadata"]["name"] + ("" if doc["kind"] == "RayCluster" else "-x7k2p")
+            options = cluster.get("autoscalerOptions", {}) if cluster.get("enableInTreeAutoscaling") else None
+            head = cluster["headGroupSpec"]["template"]
+            pods.append(kuberay_pod(f"{name} head", namespace, head, cluster_name, "head", "headgroup", options))
+            ray_specs.add(id(head["spec"]))
+            for group in cluster.get("workerGroupSpecs", []):
+                pods.append(kuberay_pod(f"{name} {group['groupName']}", namespace, group["template"], cluster_name,
+                                        "worker", group["groupName"], None))
+                ray_specs.add(id(group["template"]["spec"]))
+        for where, template in pod_templates(doc):
+            if id(template["spec"]) not in ray_specs:
+                labels = template.get("metadata", {}).get("labels", {})
+                pods.append(Pod(f"{name}{where}", namespace, dict(labels), template["spec"]))
+    return pods
+
+
+def literal_env(container: dict[str, Any]) -> dict[str, str]:
+    return {var["name"]: var["value"] for var in container.get("env", []) if "value" in var}
+
+
+def written_paths(pod: Pod, container: dict[str, Any]) -> dict[str, str]:
+    """The paths a container of the image is known to write, as its environment resolves them: path -> who."""
+    env = literal_env(container)
+    home = env.get("HOME", IMAGE_HOME)
+    tmp = env.get("TMPDIR", "/tmp")
+    cache = env.get("XDG_CACHE_HOME", f"{home}/.cache")
+    writers = [
+        (tmp, "tempfile: checkpoints being written, restored ones, TensorBoard event files, uploads"),
+        (home, "HOME: ~/.nv's CUDA cache, ~/ray_results"),
+        (cache, "~/.cache: pip"),
+        (env.get("TORCH_HOME", f"{cache}/torch"), "the torch hub cache: the VGG16 weights"),
+        (env.get("MPLCONFIGDIR", f"{home}/.config/matplotlib"), "matplotlib's config and font cache"),
+        (env.get("TRITON_CACHE_DIR", f"{home}/.triton/cache"), "torch.compile's Triton kernels"),
+    ]
+    if pod.ray_node:
+        # Ray's temp dir: $RAY_TMPDIR, else $TMPDIR on Linux, else /tmp; then "ray".
+        writers.append((env.get("RAY_TMPDIR", tmp).rstrip("/") + "/ray", "Ray's session: logs, sockets, spilled objects"))
+        if container is pod.spec["containers"][0]:
+            writers.append(("/dev/shm", "Ray's object store"))
+    argv = container.get("command", []) + container.get("args", [])
+    if argv[:1] == ["tensorboard"] and "://" not in (option(argv, "--logdir") or "://"):
+        writers.append((option(argv, "--logdir"), "TensorBoard's local logdir"))
+    paths: dict[str, str] = {}
+    for path, who in writers:
+        paths[path] = f"{paths[path]}; {who}" if path in paths else who
+    return paths
+
+
+def writable_mount(path: str, container: dict[str, Any], spec: dict[str, Any]) -> str | None:
+    """The writable volume a path lies on (its deepest mount), or None when it is on the root filesystem."""
+    volumes = {volume["name"]: volume for volume in spec.get("volumes", [])}
+    for mount in sorted(container.get("volumeMounts", []), key=lambda m: len(m["mountPath"]), reverse=True):
+        root = mount["mountPath"].rstrip("/")
+        if path == root or path.startswith(root + "/"):
+            volume = volumes.get(mount["name"], {})
+            if mount.get("readOnly") or not any(kind in volume for kind in WRITABLE_VOLUMES):
+                return None
+            return mount["name"]
+    return None
+
+
+@pytest.mark.parametrize("build", BUILD_NAMES)
+def test_every_container_has_a_read_only_root_and_a_writable_volume_wherever_it_writes(every_build, build):
+    pods = deployed_pods(every_build[build])
+    for pod in pods:
+        for container in pod.all_containers():
+            where = f"{pod.where}:{container['name']}"
+            own = container.get("securityContext") or {}
+            assert own.get("readOnlyRootFilesystem") is True, f"{where}: readOnlyRootFilesystem is not true"
+            paths = written_paths(pod, container)
+            if pod.ray_node and container is pod.spec["containers"][0]:
+                assert {"/tmp", "/tmp/ray", "/dev/shm"} <= set(paths), where
+            for path, who in paths.items():
+                assert writable_mount(path, container, pod.spec), \
+                    f"{where}: {path} ({who}) is on the read-only root filesystem, not on a writable volume"
+    if any(pod.ray_node for pod in pods):
+        assert any(pod.autoscaler for pod in pods), \
+            "the long-lived cluster autoscales: its autoscaler sidecar must be among the pods checked"
+
+
+@pytest.mark.parametrize("build", BUILD_NAMES)
+def test_every_container_drops_capabilities_and_privilege_escalation_under_runtime_default_seccomp(
+        every_build, build):
+    for pod in deployed_pods(every_build[build]):
+        context = pod.spec.get("securityContext", {})
+        for container in pod.all_containers():
+            where, own = f"{pod.where}:{container['name']}", container.get("securityContext") or {}
+            assert own.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation is not false"
+            assert "ALL" in own.get("capabilities", {}).get("drop", []), f"{where}: capabilities not dropped"
+            assert not own.get("capabilities", {}).get("add"), f"{where}: adds capabilities"
+            assert not own.get("privileged", False), where
+            assert own.get("runAsNonRoot", context.get("runAsNonRoot")) is True, f"{where}: may run as root"
+            assert own.get("runAsUser", context.get("runAsUser", 1000)) != 0, where
+            seccomp = own.get("seccompProfile", context.get("seccompProfile", {}))
+            assert seccomp.get("type") == "RuntimeDefault", f"{where}: seccompProfile is not RuntimeDefault"
+
+
+# ---------------------------------------------------------------------------------------------
 # The optional RayCronJob component
 
 
