@@ -843,6 +843,18 @@ def test_every_container_drops_capabilities_and_privilege_escalation_under_runti
             assert seccomp.get("type") == "RuntimeDefault", f"{where}: seccompProfile is not RuntimeDefault"
 
 
+@pytest.mark.parametrize("build", BUILD_NAMES)
+def test_only_the_autoscaling_head_mounts_a_service_account_token(every_build, build):
+    pods = deployed_pods(every_build[build])
+    for pod in pods:
+        token = pod.spec.get("automountServiceAccountToken")
+        if pod.autoscaler:
+            # The autoscaler sidecar scales the workers through the Kubernetes API with KubeRay's ServiceAccount.
+            assert token is not False, f"{pod.where}: the autoscaler sidecar needs the ServiceAccount token"
+        else:
+            assert token is False, f"{pod.where}: needs no Kubernetes API access, set automountServiceAccountToken: false"
+
+
 # ---------------------------------------------------------------------------------------------
 # The optional RayCronJob component
 
