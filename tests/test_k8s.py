@@ -313,7 +313,7 @@ def test_overlay_builds_the_whole_system_in_its_namespace(builds, overlay):
     docs = builds[overlay]
     kinds = {doc["kind"] for doc in docs}
     assert {"Namespace", "ConfigMap", "RayCluster", "RayJob", "CronJob", "ServiceAccount",
-            "Deployment", "Service"} <= kinds
+            "Deployment", "Service", "NetworkPolicy"} <= kinds
     namespace = one(docs, "Namespace")["metadata"]["name"]
     assert namespace == f"inpaint-{overlay}"
     for doc in docs:
@@ -657,6 +657,11 @@ def test_pods_run_as_non_root_without_privilege_escalation(builds, overlay):
 # Reviewer rules: hardening, over the pods as KubeRay will create them, for every kustomization
 
 IMAGE_HOME = "/home/ray"  # HOME in the rayproject images (user "ray"), read-only under readOnlyRootFilesystem
+OPERATOR_NAMESPACE = "kuberay-system"  # where k8s/README.md installs the KubeRay operator
+OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator",
+                   "app.kubernetes.io/component": "kuberay-operator"}  # its Helm chart's pod labels
+RAY_HEAD_PORTS = {"dashboard": 8265, "client": 10001, "gcs-server": 6379}
+TENSORBOARD_PORT = 6006
 WRITABLE_VOLUMES = ("emptyDir", "ephemeral", "persistentVolumeClaim")
 BUILD_NAMES = [directory.relative_to(K8S).as_posix() for directory in kustomization_dirs()] \
     + ["overlays/celeba+optional/raycronjob"]
@@ -853,6 +858,138 @@ def test_only_the_autoscaling_head_mounts_a_service_account_token(every_build, b
             assert token is not False, f"{pod.where}: the autoscaler sidecar needs the ServiceAccount token"
         else:
             assert token is False, f"{pod.where}: needs no Kubernetes API access, set automountServiceAccountToken: false"
+
+
+class Source:
+    """Where a connection comes from: a pod (namespace, its labels, the pod's labels), or outside the cluster."""
+
+    def __init__(self, name: str, namespace: str | None = None, labels: dict[str, str] | None = None):
+        self.name, self.namespace, self.labels = name, namespace, labels or {}
+        self.namespace_labels = {"kubernetes.io/metadata.name": namespace} if namespace else {}
+
+
+def selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) against a label set; {} matches everything."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        if not {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}[operator]:
+            return False
+    return True
+
+
+def peer_admits(peer: dict[str, Any], source: Source, namespace: str) -> bool:
+    if "ipBlock" in peer:
+        return True  # an address range can hold anything, outside the cluster as well as inside
+    if source.namespace is None:
+        return False
+    if "namespaceSelector" in peer:
+        if not selector_matches(peer["namespaceSelector"], source.namespace_labels):
+            return False
+    elif source.namespace != namespace:
+        return False
+    return selector_matches(peer.get("podSelector", {}), source.labels)
+
+
+def port_admits(rule: dict[str, Any], port: int, pod: Pod) -> bool:
+    if not rule.get("ports"):
+        return True
+    named = {p["name"]: p["containerPort"] for c in pod.spec["containers"] for p in c.get("ports", []) if "name" in p}
+    for allowed in rule["ports"]:
+        if allowed.get("protocol", "TCP") != "TCP":
+            continue
+        number = named.get(allowed["port"]) if isinstance(allowed.get("port"), str) else allowed.get("port")
+        if "port" not in allowed or number == port or (number is not None and number <= port <= allowed.get("endPort", 0)):
+            return True
+    return False
+
+
+def ingress_allowed(docs: list[dict[str, Any]], pod: Pod, port: int, source: Source) -> bool:
+    """Whether the build's NetworkPolicies let `source` open a TCP connection to `pod` on `port`."""
+    selecting = [policy["spec"] for policy in of_kind(docs, "NetworkPolicy")
+                 if policy["metadata"]["namespace"] == pod.namespace
+                 and "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])
+                 and selector_matches(policy["spec"]["podSelector"], pod.labels)]
+    if not selecting:
+        return True  # a pod no policy selects takes any traffic
+    return any(port_admits(rule, port, pod)
+               and (not rule.get("from") or any(peer_admits(peer, source, pod.namespace) for peer in rule["from"]))
+               for spec in selecting for rule in spec.get("ingress", []))
+
+
+def test_ingress_model_reads_network_policies_as_kubernetes_does():
+    pod = Pod("p", "ns", {"app": "web"}, {"containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 80}]}]})
+    inside, elsewhere = Source("inside", "ns", {"x": "y"}), Source("elsewhere", "other", {"x": "y"})
+
+    def policy(ingress):
+        return {"kind": "NetworkPolicy", "metadata": {"namespace": "ns"},
+                "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "ingress": ingress}}
+    assert ingress_allowed([], pod, 80, elsewhere)  # no policy: open
+    deny = [policy([])]
+    assert not ingress_allowed(deny, pod, 80, inside)
+    same_namespace = [policy([{"from": [{"podSelector": {}}], "ports": [{"port": "http"}]}])]
+    assert ingress_allowed(same_namespace, pod, 80, inside) and not ingress_allowed(same_namespace, pod, 81, inside)
+    assert not ingress_allowed(same_namespace, pod, 80, elsewhere)
+    any_namespace = [policy([{"from": [{"namespaceSelector": {}}]}])]
+    assert ingress_allowed(any_namespace, pod, 80, elsewhere) and not ingress_allowed(any_namespace, pod, 80, Source("x"))
+    assert ingress_allowed([policy([{"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}])], pod, 80, Source("internet"))
+    assert ingress_allowed([policy([{}])], pod, 80, Source("internet"))  # a rule with no from admits everyone
+    assert ingress_allowed(deny + same_namespace, pod, 80, inside)  # policies add up
+
+
+def outside_sources(head_labels: dict[str, str]) -> list[Source]:
+    """Connections that must not reach the dashboard, Ray Client, the GCS or TensorBoard."""
+    return [Source("outside the cluster"), Source("a pod of another namespace", "other"),
+            Source("a Ray pod of another namespace", "other", head_labels),
+            Source("a pod labelled as the operator in another namespace", "other", OPERATOR_LABELS),
+            Source("another pod of the operator's namespace", OPERATOR_NAMESPACE, {"app": "something-else"})]
+
+
+@pytest.mark.parametrize("build", BUILD_NAMES)
+def test_dashboard_ray_ports_and_tensorboard_admit_only_the_namespace_and_the_operator(every_build, build):
+    docs = every_build[build]
+    pods = deployed_pods(docs)
+    heads = [pod for pod in pods if pod.ray_node == "head"]
+    boards = [pod for pod in pods if any(c.get("command", [])[:1] == ["tensorboard"] for c in pod.spec["containers"])]
+    if build != "optional/raycronjob":
+        assert heads and boards, "every build of the system has Ray heads and TensorBoard"
+    operator = Source("the KubeRay operator", OPERATOR_NAMESPACE, OPERATOR_LABELS)
+    for pod in heads + boards:
+        ports = RAY_HEAD_PORTS.values() if pod.ray_node else [TENSORBOARD_PORT]
+        neighbours = [Source("a job submitter of the namespace", pod.namespace, {"job-name": "evaluate-1"}),
+                      Source("any pod of the namespace", pod.namespace)]
+        for port in ports:
+            for source in neighbours:
+                assert ingress_allowed(docs, pod, port, source), f"{pod.where}: {source.name} cannot reach {port}"
+            for source in outside_sources(heads[0].labels if heads else {}):
+                assert not ingress_allowed(docs, pod, port, source), f"{pod.where}: {source.name} reaches {port}"
+            # The operator polls every RayJob's state from the dashboard, and nothing else.
+            wanted = port == RAY_HEAD_PORTS["dashboard"] and pod.ray_node == "head"
+            assert ingress_allowed(docs, pod, port, operator) == wanted, f"{pod.where}: operator on {port}"
+
+
+@pytest.mark.parametrize("build", BUILD_NAMES)
+def test_ray_nodes_of_a_cluster_reach_each_other_on_every_port(every_build, build):
+    docs = every_build[build]
+    ray_pods = [pod for pod in deployed_pods(docs) if pod.ray_node]
+    # GCS, dashboard, client, dashboard agent, object manager, node manager, a worker port, metrics
+    ports = (6379, 8265, 10001, 52365, 8076, 8077, 10002, 19999, 8080)
+    for target in ray_pods:
+        for peer in ray_pods:
+            if peer.cluster == target.cluster and peer.namespace == target.namespace:
+                for port in ports:
+                    assert ingress_allowed(docs, target, port, Source(peer.where, peer.namespace, peer.labels)), \
+                        f"{peer.where} cannot reach {target.where} on {port}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_that_listen_on_nothing_take_no_ingress(builds, overlay):
+    docs = builds[overlay]
+    for pod in deployed_pods(docs):
+        if not pod.ray_node and not any(c.get("ports") for c in pod.spec["containers"]):
+            assert not ingress_allowed(docs, pod, 8080, Source("any pod of the namespace", pod.namespace)), pod.where
 
 
 # ---------------------------------------------------------------------------------------------
