@@ -787,7 +787,8 @@ def written_paths(pod: Pod, container: dict[str, Any]) -> dict[str, str]:
     ]
     if pod.ray_node:
         # Ray's temp dir: $RAY_TMPDIR, else $TMPDIR on Linux, else /tmp; then "ray".
-        writers.append((env.get("RAY_TMPDIR", tmp).rstrip("/") + "/ray", "Ray's session: logs, sockets, spilled objects"))
+        ray_tmp = env.get("RAY_TMPDIR", tmp).rstrip("/") + "/ray"
+        writers.append((ray_tmp, "Ray's session: logs, sockets, spilled objects"))
         if container is pod.spec["containers"][0]:
             writers.append(("/dev/shm", "Ray's object store"))
     argv = container.get("command", []) + container.get("args", [])
@@ -857,7 +858,8 @@ def test_only_the_autoscaling_head_mounts_a_service_account_token(every_build, b
             # The autoscaler sidecar scales the workers through the Kubernetes API with KubeRay's ServiceAccount.
             assert token is not False, f"{pod.where}: the autoscaler sidecar needs the ServiceAccount token"
         else:
-            assert token is False, f"{pod.where}: needs no Kubernetes API access, set automountServiceAccountToken: false"
+            assert token is False, \
+                f"{pod.where}: needs no Kubernetes API access, set automountServiceAccountToken: false"
 
 
 class Source:
@@ -901,7 +903,8 @@ def port_admits(rule: dict[str, Any], port: int, pod: Pod) -> bool:
         if allowed.get("protocol", "TCP") != "TCP":
             continue
         number = named.get(allowed["port"]) if isinstance(allowed.get("port"), str) else allowed.get("port")
-        if "port" not in allowed or number == port or (number is not None and number <= port <= allowed.get("endPort", 0)):
+        if "port" not in allowed or number == port \
+                or (number is not None and number <= port <= allowed.get("endPort", 0)):
             return True
     return False
 
@@ -920,7 +923,8 @@ def ingress_allowed(docs: list[dict[str, Any]], pod: Pod, port: int, source: Sou
 
 
 def test_ingress_model_reads_network_policies_as_kubernetes_does():
-    pod = Pod("p", "ns", {"app": "web"}, {"containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 80}]}]})
+    pod = Pod("p", "ns", {"app": "web"},
+              {"containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 80}]}]})
     inside, elsewhere = Source("inside", "ns", {"x": "y"}), Source("elsewhere", "other", {"x": "y"})
 
     def policy(ingress):
@@ -933,7 +937,8 @@ def test_ingress_model_reads_network_policies_as_kubernetes_does():
     assert ingress_allowed(same_namespace, pod, 80, inside) and not ingress_allowed(same_namespace, pod, 81, inside)
     assert not ingress_allowed(same_namespace, pod, 80, elsewhere)
     any_namespace = [policy([{"from": [{"namespaceSelector": {}}]}])]
-    assert ingress_allowed(any_namespace, pod, 80, elsewhere) and not ingress_allowed(any_namespace, pod, 80, Source("x"))
+    assert ingress_allowed(any_namespace, pod, 80, elsewhere)
+    assert not ingress_allowed(any_namespace, pod, 80, Source("outside the cluster"))
     assert ingress_allowed([policy([{"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}])], pod, 80, Source("internet"))
     assert ingress_allowed([policy([{}])], pod, 80, Source("internet"))  # a rule with no from admits everyone
     assert ingress_allowed(deny + same_namespace, pod, 80, inside)  # policies add up
