@@ -19,6 +19,8 @@ import fsspec
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
+from inpaint.data.storage import DataError, check_storage_options
+
 
 class StorageError(RuntimeError):
     """Storage that cannot be reached or written; the message names the URL, never secrets."""
@@ -43,6 +45,10 @@ def join(url: str, *parts: str) -> str:
 
 def fsspec_filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and in-filesystem path of a URL (a fresh client: fork-safe use)."""
+    try:
+        check_storage_options(url, storage_options)
+    except DataError as exc:
+        raise StorageError(str(exc)) from None
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     return fs, path
 
@@ -130,6 +136,11 @@ class RunPaths:
     @property
     def config(self) -> str:
         return join(self.run, "config.json")
+
+    @property
+    def skipped_samples(self) -> str:
+        """JSON list of the training samples lost to damaged data (each replaced), all ranks."""
+        return join(self.run, "skipped_samples.json")
 
 
 def write_text(url: str, text: str) -> None:

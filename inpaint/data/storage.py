@@ -10,6 +10,7 @@ fork-safe. Error messages name the URL and the reason, never a credential.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -57,6 +58,37 @@ def parse_storage_options(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return options
 
 
+# Options every fsspec filesystem takes (its listings cache, its instance cache) beside its own.
+_COMMON_OPTIONS = frozenset({"use_listings_cache", "listings_expiry_time", "max_paths", "skip_instance_cache"})
+
+
+def check_storage_options(url: str, storage_options: dict | None) -> None:
+    """DataError when an option is not one that ``url``'s filesystem takes.
+
+    fsspec filesystems accept any keyword and ignore the ones they do not know, so a mistyped
+    ``--storage-option`` (or one meant for S3 given with local data) would silently do nothing.
+    The known ones are the named parameters of the filesystem class's constructors.
+    """
+    if not storage_options:
+        return
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError):
+        return  # filesystem() says why the URL cannot be opened
+    known = set(_COMMON_OPTIONS)
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            known.update(name for name, parameter in inspect.signature(vars(klass)["__init__"]).parameters.items()
+                         if name != "self" and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD,
+                                                                  parameter.KEYWORD_ONLY))
+    unknown = sorted(set(storage_options) - known)
+    if unknown:
+        where = "local paths" if protocol in ("file", "local") else f"{protocol}:// storage"
+        raise DataError(f"--storage-option {unknown[0]}: not an option of {where} ({url}); "
+                        f"it takes: {', '.join(sorted(known - _COMMON_OPTIONS)) or 'none'}")
+
+
 def join_url(url: str, name: str) -> str:
     return f"{url.rstrip('/')}/{name}"
 
@@ -70,6 +102,7 @@ def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
     """The fsspec filesystem of this process for ``url``, and the path inside it."""
     if not url:
         raise DataError("empty dataset URL")
+    check_storage_options(url, storage_options)
     try:
         return fsspec.core.url_to_fs(url, **(storage_options or {}))
     except (ImportError, ValueError, TypeError) as exc:
