@@ -17,8 +17,9 @@ FILL_HELP = """Fill the holes of an image (or of every image in a folder) with a
 
 Masks are images of the same size where WHITE marks the hole: a pixel whose grey level is
 >= 128 is filled, anything darker is kept. Known pixels come back bit-identical (write PNG:
-JPEG would re-encode them). Any image size works; the network was trained on faces at the
-checkpoint's image size and fills best at a similar scale."""
+JPEG would re-encode them). Any image size works: the network sees a square window around the
+hole (twice the hole's longer side, at least the checkpoint's image size), the scale it was
+trained at; a window over --max-pixels is refused."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Poisson-blend the fill into its surroundings as GLCIC does (needs opencv: "
                            "pip install 'inpaint[baseline]')")
     fill.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
+    fill.add_argument("--max-pixels", type=positive_int, default=None, metavar="N",
+                      help="the largest window around a hole filled at once (default 4194304, 2048x2048: "
+                           "about 4 GiB with the paper's generator); larger windows are refused")
     return parser
 
 
@@ -55,17 +59,45 @@ def parse_box(text: str) -> tuple[int, int, int, int]:
     return x, y, w, h
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def read_image(path: Path, mode: str):
-    """A PIL image from a file, upright per its EXIF orientation, or an InpaintError."""
+    """A PIL image from a file, upright per its EXIF orientation, or an InpaintError.
+
+    PIL's decompression-bomb guard stays on: an image over ``Image.MAX_IMAGE_PIXELS`` (89 MP) is
+    refused before it is decoded, since a small file can hold a huge picture.
+    """
+    import warnings
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     from inpaint.inference import InpaintError
 
     try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert(mode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return ImageOps.exif_transpose(image).convert(mode)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InpaintError(f"{path}: {_bomb_size(exc)}more than the {Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP "
+                           "an image may have here (a decompression-bomb guard)") from None
     except (OSError, UnidentifiedImageError) as exc:
         raise InpaintError(f"{path}: cannot read the image ({exc.__class__.__name__})") from None
+
+
+def _bomb_size(exc: Exception) -> str:
+    import re
+
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return f"{int(found.group(1)) / 1e6:.0f} MP, " if found else ""
 
 
 def plan(image: Path, mask: Path | None, output: Path) -> list[tuple[Path, Path | None, Path]]:
@@ -106,7 +138,8 @@ def fill(args: argparse.Namespace) -> None:
     if args.output.suffix.lower() in LOSSY_SUFFIXES and args.image.is_file():
         print(f"note: {args.output.suffix} re-encodes every pixel; write .png to keep known pixels exact",
               file=sys.stderr)
-    inpainter = Inpainter.from_checkpoint(args.checkpoint, device=args.device)
+    inpainter = Inpainter.from_checkpoint(args.checkpoint, device=args.device,
+                                          **({"max_pixels": args.max_pixels} if args.max_pixels else {}))
     for image_path, mask_path, output_path in tqdm(jobs, desc="fill", unit="img", disable=len(jobs) == 1):
         image = image_array(read_image(image_path, "RGB"))
         size = image.shape[:2]
@@ -115,7 +148,10 @@ def fill(args: argparse.Namespace) -> None:
         except InpaintError as exc:
             raise InpaintError(f"{image_path.name}: {exc}") from None
         filled = inpainter.fill_array(image, hole, blend=args.blend)
-        output_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            output_path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise InpaintError(f"cannot write {output_path}: a part of its folder is a file") from None
         try:
             Image.fromarray(filled).save(output_path)
         except (ValueError, KeyError):  # PIL's answer to an unknown extension
