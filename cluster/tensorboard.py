@@ -7,6 +7,7 @@ the training step free of network calls.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,16 @@ class RunWriter:
         self.writer = SummaryWriter(log_dir=str(self.local_dir), flush_secs=10)
         self.sync_every_s = sync_every_s
         self._last_sync = time.monotonic()
+        self._skipped_written: list[str] | None = None
+
+    def skipped_samples(self, keys: list[str], step: int) -> None:
+        """The count of samples lost to damage as ``data/skipped_samples``; their keys in the run's
+        ``skipped_samples.json`` (rewritten when the list grows; absent while nothing was lost)."""
+        self.writer.add_scalar("data/skipped_samples", len(keys), step)
+        if keys and keys != self._skipped_written:
+            storage.write_text(self.run.skipped_samples, json.dumps({"step": step, "count": len(keys), "keys": keys},
+                                                                    indent=1) + "\n")
+            self._skipped_written = list(keys)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for key, value in values.items():

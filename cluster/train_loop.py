@@ -23,7 +23,7 @@ from cluster import storage
 from cluster.tensorboard import RunWriter
 from inpaint.checkpoint import CheckpointError, checkpoint_urls
 from inpaint.config import Config
-from inpaint.data import make_train_loader
+from inpaint.data import TrainLoader, make_train_loader
 from inpaint.phases import Phase
 from inpaint.trainer import Trainer
 
@@ -102,6 +102,15 @@ def _broadcast(value: Any, world_size: int) -> Any:
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _union_over_ranks(keys: set[str]) -> set[str]:
+    """Every rank's ``keys`` together (a collective: every rank calls it at the same step)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return set(keys)
+    gathered: list[list[str] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, sorted(keys))
+    return set().union(*gathered)
 
 
 def restore_latest(trainer: Trainer, run: storage.RunPaths, registered: ray.train.Checkpoint | None, *,
@@ -184,7 +193,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t2 = time.perf_counter()
-            trainer.data_state = loader.state_dict()
             data_time += t1 - t0
             step_time += t2 - t1
             window_images += batch_size
@@ -218,17 +226,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
             boundary = trainer.schedule.crosses_boundary(before, (trainer.step, trainer.samples_seen))
             if step % every == 0 or boundary or trainer.done:
-                _report(trainer, losses, rank, writer)
+                _report(trainer, loader, losses, rank, writer)
     finally:
         if writer is not None:
             writer.close()
 
 
-def _report(trainer: Trainer, losses: dict[str, torch.Tensor], rank: int, writer: RunWriter | None) -> None:
-    """Every rank reports (a barrier); only rank 0 attaches the checkpoint it wrote."""
+def _report(trainer: Trainer, loader: TrainLoader, losses: dict[str, torch.Tensor], rank: int,
+            writer: RunWriter | None) -> None:
+    """Every rank reports (a barrier); only rank 0 attaches the checkpoint it wrote.
+
+    The samples lost to damaged data on any rank are merged first, so the checkpoint's data state
+    lists them all; rank 0 logs their count to TensorBoard (``data/skipped_samples``) and their
+    keys to the run's ``skipped_samples.json``.
+    """
+    loader.merge_skipped(_union_over_ranks(loader.skipped_keys))
+    trainer.data_state = loader.state_dict()
     metrics = {k: float(v) for k, v in losses.items()}
-    metrics.update(step=trainer.step, samples_seen=trainer.samples_seen, phase=trainer.phase.value)
+    metrics.update(step=trainer.step, samples_seen=trainer.samples_seen, phase=trainer.phase.value,
+                   skipped_samples=len(loader.skipped_keys))
     if writer is not None:
+        writer.skipped_samples(sorted(loader.skipped_keys), trainer.step)
         writer.sync()
     with tempfile.TemporaryDirectory(prefix="inpaint-ckpt-") as directory:
         checkpoint = None

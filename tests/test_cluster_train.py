@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "jobs" / "train.py")
@@ -46,6 +47,24 @@ def event_tags(directory: Path) -> set[str]:
     return tags
 
 
+def _damage_one_sample(url: str) -> str:
+    """Overwrite the first sample of the first training shard at ``url`` with zeros; returns its key."""
+    import fsspec
+
+    from inpaint.data import load_index
+    from inpaint.data.shards import parse_shard
+
+    index = load_index(url)
+    shard_url = index.shard_url(index.split("train").shards[0])
+    with fsspec.open(shard_url, "rb") as f:
+        data = bytearray(f.read())
+    sample = parse_shard(bytes(data)).samples[0]
+    data[sample.offset:sample.offset + sample.size] = bytes(sample.size)  # not an image any more
+    with fsspec.open(shard_url, "wb") as f:
+        f.write(bytes(data))
+    return sample.key
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_workers_train_all_phases_from_s3_to_s3_and_a_rerun_does_no_work(s3_bucket, tmp_path):
@@ -54,6 +73,7 @@ def test_two_workers_train_all_phases_from_s3_to_s3_and_a_rerun_does_no_work(s3_
     from inpaint.data import pack_dataset
 
     pack_dataset("sample", None, f"{s3_bucket}/datasets/sample", progress=False)
+    damaged = _damage_one_sample(f"{s3_bucket}/datasets/sample")
     args = ("--data", f"{s3_bucket}/datasets/sample", "--storage", f"{s3_bucket}/runs", "--name", "s3run",
             "--workers", "2")
     first = run_train(*args)
@@ -71,8 +91,13 @@ def test_two_workers_train_all_phases_from_s3_to_s3_and_a_rerun_does_no_work(s3_
     fs.get(f"{run_root}/tensorboard/", str(tmp_path / "tb"), recursive=True)
     tags = event_tags(tmp_path / "tb")
     assert set(PHASE_TAGS) <= tags, sorted(tags)
-    assert {"perf/images_per_s", "time/data(s)", "schedule/phase", "images/masked|completed|original"} <= tags
+    assert {"perf/images_per_s", "time/data(s)", "schedule/phase", "images/masked|completed|original",
+            "data/skipped_samples"} <= tags
     assert fs.ls(f"{run_root}/samples")
+    # The damaged sample, whichever rank read it, is in the run's files and in the checkpoint's data state.
+    assert json.loads(fs.cat(f"{run_root}/skipped_samples.json"))["keys"] == [damaged]
+    fs.get(f"{run_root}/{names[-1]}/trainer.pt", str(tmp_path / "trainer.pt"))
+    assert torch.load(tmp_path / "trainer.pt", weights_only=True)["data"]["skipped"] == [damaged]
 
     second = run_train(*args)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

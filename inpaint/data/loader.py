@@ -19,7 +19,8 @@ sample) (:class:`SampleDraws`), so they are reproducible and do not depend on wh
 run makes them.
 
 Damaged data: a sample that does not decode, or that a truncated or unreadable shard lacks, is
-logged with its key, counted (``TrainLoader.skipped``) and replaced by the next readable sample
+logged with its key, counted (``TrainLoader.skipped``; its keys, merged over ranks by the training
+loop, ride in the loader's state and so in every checkpoint) and replaced by the next readable sample
 of the same worker's share (wrapping around to its start), cropped and masked as the lost sample
 would have been. Batch counts, and so DDP, stay in step whatever is lost; the replacement is a
 duplicate, and the choice is deterministic, so a resumed run makes the same batches.
@@ -441,6 +442,9 @@ class TrainLoader:
         self.pin_memory = pin_memory
         self.epoch = 0
         self.skipped = 0  # samples lost to damage and replaced, in this process's lifetime
+        # Keys of the samples lost, since the run began: this rank's, and other ranks' once merged in
+        # (merge_skipped) or restored from a checkpoint (load_state_dict).
+        self.skipped_keys: set[str] = set()
         self._stages: list[tuple[Structure, int]] = []  # earlier structures of this epoch, batches under each
         self._consumed = 0  # batches yielded under the current structure this epoch
 
@@ -486,6 +490,7 @@ class TrainLoader:
                 lost = batch.pop("skipped")
                 if lost:
                     self.skipped += len(lost)
+                    self.skipped_keys.update(lost)
                     log.warning("epoch %d: replaced %d lost samples (%s); %d so far", self.epoch, len(lost),
                                 ", ".join(lost), self.skipped)
                 self._consumed += 1
@@ -493,13 +498,19 @@ class TrainLoader:
             self.epoch += 1
             self._stages, self._consumed = [], 0
 
+    def merge_skipped(self, keys: Iterable[str]) -> None:
+        """Add samples other ranks lost, so that :meth:`state_dict` lists every rank's."""
+        self.skipped_keys.update(keys)
+
     def state_dict(self) -> dict:
-        """The position after the last batch yielded: small and JSON-able, the same on every rank."""
+        """The position after the last batch yielded: small and JSON-able, the same on every rank
+        (``skipped`` too once every rank's keys are merged in, see :meth:`merge_skipped`)."""
         stages = [*self._stages, (self.structure, self._consumed)]
         return {"version": STATE_VERSION, "epoch": self.epoch, "batches": sum(done for _, done in stages),
                 "split": self.split.name, "samples": self.split.samples, "seed": self.data_cfg.seed,
                 "stages": [{"world_size": s.world_size, "num_workers": s.workers, "batch_size": s.batch_size,
-                            "batches": done} for s, done in stages]}
+                            "batches": done} for s, done in stages],
+                "skipped": sorted(self.skipped_keys)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the last batch yielded when ``state`` was taken; call before iterating."""
@@ -509,11 +520,14 @@ class TrainLoader:
                       for s in state["stages"]]
             same_data = (state["split"], int(state["samples"]), int(state["seed"])) == (
                 self.split.name, self.split.samples, self.data_cfg.seed)
+            skipped = {str(key) for key in state.get("skipped", ())}  # absent in states saved before it was kept
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"loader state is malformed ({type(exc).__name__}: {exc})") from None
         if not stages or epoch < 0 or any(done < 0 for _, done in stages):
             raise DataError(f"loader state is malformed: {state}")
-        if not same_data:
+        if same_data:
+            self.skipped_keys = skipped
+        else:
             log.warning("loader state was saved for split %r of %s samples with seed %s; the data or seed changed, "
                         "so training continues at the start of epoch %d", state["split"], state["samples"],
                         state["seed"], epoch + 1)
