@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --checkpoint, --watch or --baseline")
     if args.watch and (args.baseline or args.output):
         parser.error("--watch writes to RUN/evaluations/<checkpoint>; it takes neither --baseline nor --output")
+    if args.max_polls and not (args.watch and args.interval):
+        parser.error("--max-polls counts the polls of --watch --interval; give both")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
