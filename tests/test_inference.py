@@ -89,6 +89,37 @@ def test_fill_matches_the_generator_on_a_multiple_of_four(inpainter):
     assert np.array_equal(inpainter.fill(image, hole)[hole], expected[hole])
 
 
+def test_a_small_hole_in_a_large_photo_is_filled_from_a_window_at_the_training_scale(inpainter):
+    """The generator sees the hole centred in max(image_size, 2 x hole side) px, not the whole photo."""
+    image, hole = photo(400, 600, seed=2), rect_hole(400, 600, 100, 300, 8, 12)
+    seen = []
+    handle = inpainter.generator.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        filled = inpainter.fill(image, hole)
+        window = inpainter.fill(image[88:120, 290:322], hole[88:120, 290:322])  # 32 px: the debug image size
+    finally:
+        handle.remove()
+    assert inpainter.config.model.image_size == 32 and seen == [(1, 3, 32, 32)] * 2
+    assert np.array_equal(filled[88:120, 290:322], window) and np.array_equal(filled[~hole], image[~hole])
+    large = rect_hole(400, 600, 10, 10, 150, 100)  # a 2 x 150 px window, kept inside the image
+    seen.clear()
+    handle = inpainter.generator.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        inpainter.fill(image, large)
+    finally:
+        handle.remove()
+    assert seen == [(1, 3, 300, 300)]
+
+
+def test_a_window_over_the_pixel_limit_is_refused_before_any_work(run):
+    small = Inpainter.from_checkpoint(str(run), max_pixels=32 * 32)
+    small.fill(photo(400, 600), rect_hole(400, 600, 100, 300, 8, 12))  # a 32 x 32 window fits
+    with pytest.raises(InpaintError, match=r"needs a 40x40 px window \(1,600 px\), more than the limit of 1,024 px"):
+        small.fill(photo(400, 600), rect_hole(400, 600, 100, 300, 20, 20))
+    with pytest.raises(InpaintError, match="max_pixels must be >= 1"):
+        Inpainter.from_checkpoint(str(run), max_pixels=0)
+
+
 def test_from_a_run_folder_loads_its_latest_checkpoint(run):
     assert Inpainter.from_checkpoint(str(run)).meta["step"] == 3
     with pytest.raises(CheckpointError, match="no such checkpoint"):
