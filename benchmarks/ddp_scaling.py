@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+from benchmarks.vocabulary import OPTIMIZED
+from benchmarks.workloads import Workload, optimized_settings
 from inpaint.config import Config
 from inpaint.masks import MaskSampler
 from inpaint.trainer import Trainer
@@ -53,8 +55,6 @@ def synthetic_batch(config: Config, seed: int) -> dict[str, torch.Tensor]:
 def _phase(recipe: str, overrides: tuple[str, ...], phase: str, rank: int, world: int, warmup: int,
            steps: int) -> dict[str, Any]:
     """Time ``steps`` DDP steps of one phase on this rank; allreduce bytes per step."""
-    from benchmarks.system import OPTIMIZED, Workload, optimized_settings
-
     device = torch.device("cpu")
     config = Workload(recipe, recipe, OPTIMIZED, optimized_settings(device)).config(phase, overrides)
     trainer = Trainer(config, device=device, world_size=world, rank=rank)

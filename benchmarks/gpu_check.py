@@ -6,7 +6,7 @@
 What it does, in order, and what it reports (one JSON, ``--output``, and the same as a table next
 to it, ``.txt``):
 
-1. The device, its bf16 peak (vendor datasheet figure, ``benchmarks.system.PEAK_TFLOPS``), torch,
+1. The device, its bf16 peak (vendor datasheet figure, ``benchmarks.machine.PEAK_TFLOPS``), torch,
    CUDA and NCCL versions.
 2. A process group of world size 1 over NCCL (gloo on CPU), both networks wrapped in DDP, so
    every backward allreduces through NCCL as a multi-GPU run does.
@@ -149,8 +149,8 @@ def fixed_batches(url: str, config: Config, count: int, device: torch.device) ->
 
 
 def peak_tflops(device: torch.device) -> tuple[str, float | None]:
-    """(device name, dense bf16 peak TFLOPS or None) from the datasheet table of benchmarks.system."""
-    from benchmarks.system import PEAK_TFLOPS
+    """(device name, dense bf16 peak TFLOPS or None) from the datasheet table of benchmarks.machine."""
+    from benchmarks.machine import PEAK_TFLOPS
 
     if device.type != "cuda":
         return describe_cpu_line(), None
@@ -278,7 +278,7 @@ def run(options: Options) -> dict[str, Any]:
     base = phase_config(options, "joint")
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp, process_group(device) as backend:
         results["meta"]["backend"] = backend
-        from benchmarks.system import make_dataset
+        from benchmarks.workloads import make_dataset
 
         url = make_dataset(Path(tmp), options.images)
         batches = fixed_batches(url, base, max(2, min(8, options.steps)), device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.system import SHARES
+from benchmarks.vocabulary import SHARES
 
 MIB = 2**20
 

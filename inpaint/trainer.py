@@ -11,7 +11,7 @@ generator's adversarial term goes through a frozen, unwrapped discriminator, so 
 of one network ever lands on the other's parameters.
 
 Each part of a step runs inside a ``torch.profiler.record_function`` range named in
-:data:`SECTIONS`, so a profile of a step attributes its time (``benchmarks/system.py``); a
+:data:`SECTIONS`, so a profile of a step attributes its time (``benchmarks/profiling.py``); a
 range costs microseconds when no profiler is active.
 """
 

@@ -72,15 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from benchmarks.system import Options, run, write  # torch loads after --help
+    from benchmarks.system import run, write  # torch loads after --help
+    from benchmarks.vocabulary import Options
     from inpaint.config import ConfigError
 
     fields = {**(QUICK if args.quick else {}),
-              **{k: v for k, v in vars(args).items() if v is not None and k in Options.__dataclass_fields__}}
-    fields["overrides"] = tuple(args.overrides)
-    if len(fields.get("compare_size", (0, 0, 0))) != 3:
-        print("error: --compare-size: expected IMAGE,PATCH,BATCH", file=sys.stderr)
-        return 2
+              **{k: v for k, v in vars(args).items() if v is not None and k in Options.__dataclass_fields__},
+              "overrides": tuple(args.overrides)}
     command = "python jobs/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         options = Options(**fields)

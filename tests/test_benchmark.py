@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from benchmarks import glcic_pytorch as gp
-from benchmarks.system import SHARES, Options, attribute, peak_allocated, projection
+from benchmarks.profiling import attribute, peak_allocated
+from benchmarks.projection import projection
+from benchmarks.vocabulary import SHARES, Options
 from inpaint.config import MaskConfig
 from inpaint.masks import MaskSampler
 
