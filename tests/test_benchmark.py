@@ -181,3 +181,17 @@ def test_loader_benchmark_prints_every_rate_and_the_ratios():
                           "mask sampler alone", "loader", "loader with a fixed mask"}, result.stdout
     assert all(rate > 0 for rate in rates.values())
     assert "median" in result.stdout and "(target >= 80%)" in result.stdout
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch and webdataset, then a few tiny passes
+def test_webdataset_compat_prints_every_rate_and_finds_tarwriter_shards_identical():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "webdataset_compat.py"), "--images", "40",
+                             "--shard-size", "10", "--repeats", "1"], capture_output=True, text=True, timeout=600,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = re.findall(r"^  (\S.*?)\s{2,}([\d,]+) /CPU-s\s+([\d,]+) /s\s+(\d+)% of ours$", result.stdout, re.MULTILINE)
+    assert len({name for name, *_ in rows}) == len(rows) == 8, result.stdout
+    assert all(int(cpu.replace(",", "")) > 0 and int(wall.replace(",", "")) > 0 for _, cpu, wall, _ in rows)
+    assert [rows[i][0].startswith("ours:") and rows[i][3] for i in (0, 2, 5)] == ["100"] * 3  # each table's ours
+    assert "writes byte-identical shards: yes" in result.stdout
+    assert "every reader yields the same samples in the index's order" in result.stdout
