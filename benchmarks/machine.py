@@ -9,7 +9,7 @@ import torch
 
 from inpaint.config import ConfigError
 from inpaint.hardware import describe_cpu, describe_cpu_line, native_bf16
-from inpaint.trainer import resolve_device as trainer_resolve_device
+from inpaint.hardware import resolve_device as trainer_resolve_device
 
 # Dense peak TFLOPS (bf16 tensor cores, fp32 without them) from vendor datasheets; first match wins.
 PEAK_TFLOPS = (

@@ -1,63 +1,43 @@
-"""Evaluation jobs: a checkpoint or a classical baseline under the paper's protocol, and ``--watch``.
+"""One evaluation: a checkpoint or a classical baseline under the paper's protocol.
 
-One evaluation: resolve the checkpoint (a run folder means its latest), copy its generator,
-config and meta to a temporary folder and verify the generator against the meta's sha256, draw
-the protocol's images from the dataset index, complete and score them
+Resolve the checkpoint (a run folder means its newest that loads) and load its generator through
+the path inference uses (:func:`inpaint.inference.load_generator_model`: fetch, verify against
+meta.json, build), draw the protocol's images from the dataset index, complete and score them
 (in this process, or in Ray tasks over disjoint slices of the drawn set when there are many
 images and several workers), then publish report.md, grid.png and per_image.csv, then
 metrics.json last: its presence marks the evaluation as done. Scalars also go to the run's
-TensorBoard under ``tensorboard/eval`` at the checkpoint's step.
-
-``watch`` evaluates every checkpoint of a run that has no metrics.json yet, oldest first (Ray's
-retention deletes the oldest), and with an interval keeps polling until the latest checkpoint's
-phase is ``done``. Concurrent watchers never evaluate one checkpoint twice: each first creates
-``evaluations/<name>/CLAIM`` exclusively (``O_EXCL`` locally, ``If-None-Match: *`` on S3, which
-s3fs sends for mode ``"xb"``); on S3 the claim is also re-read after a pause, for stores that
-ignore the condition. The holder rewrites its claim every ``claim_timeout_s / 4`` while it
-evaluates (:class:`ClaimHeartbeat`), so a claim not written for ``claim_timeout_s`` is a crashed
-evaluator's, however long one evaluation takes; it is taken over by whoever first creates the
-takeover marker named after that claim.
+TensorBoard under ``tensorboard/eval`` at the checkpoint's step. Watching a run for new
+checkpoints is :mod:`cluster.watcher`'s; where each file goes, :mod:`inpaint.run_folder`'s.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import socket
 import tempfile
-import threading
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
-import torch
 from tqdm import tqdm
 
-from cluster import storage
+from cluster.ray_runtime import ensure_ray
 from inpaint import baselines
 from inpaint import checkpoint as ckpt
 from inpaint import evaluation as ev
+from inpaint import storage
 from inpaint.baselines import BaselineError
 from inpaint.config import Config, ConfigError, ModelConfig
 from inpaint.data import DataError, iter_split, load_index
-from inpaint.checkpoint import checkpoint_urls, locate_checkpoint
 from inpaint.inference import Inpainter, InpaintError, load_generator_model
 from inpaint.masks import uncovered_evaluation_holes
-from inpaint.models import build_generator
+from inpaint.models import Generator
+from inpaint.run_folder import EVAL_EVENTS, RunPaths, baseline_name, first_loadable, is_run_folder, \
+    run_of_checkpoint
 
 log = logging.getLogger("inpaint.evaluate")
 
 DEFAULT_IMAGES = 128
 RAY_MIN_IMAGES = 2000  # below this, starting Ray costs more than it saves
-CLAIM_FILE = "CLAIM"
-UNLOADABLE_FILE = "UNLOADABLE"  # beside CLAIM: this checkpoint verifies but cannot be loaded; never retried
-CLAIM_TIMEOUT_S = 600.0  # renewed every 150 s while held; a crashed pass's claims are free by the next
-                         # CronJob tick (30 min): see k8s/base/evaluate-cronjob.yaml
-CLAIM_SETTLE_S = 2.0
-EVALUATIONS = "evaluations"
 COMPARED_BASELINES = ("mean", "telea", "biharmonic")  # the floor, and the two classical methods to beat
 
 
@@ -110,58 +90,27 @@ class Subject:
     info: dict[str, Any]  # checkpoint URL, step, phase, ... or the baseline's name
     model: ModelConfig
     config: Config | None = None
-    weights: dict[str, torch.Tensor] | None = None
+    generator: Generator | None = None  # None for a baseline
 
     def completer(self, device: str) -> ev.Completer:
-        if self.weights is None:
+        if self.generator is None:
             return ev.baseline_completer(baselines.get(self.info["baseline"]))
-        generator = build_generator(self.model)
-        generator.load_state_dict(self.weights)
-        return Inpainter(generator, self.config, device=device).complete
+        return Inpainter(self.generator, self.config, device=device).complete
 
 
 # ------------------------------------------------------------------ loading
-def _parent(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[0]
-
-
-def _name(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[-1]
-
-
 def load_subject(checkpoint_url: str) -> Subject:
     """Copy a checkpoint's generator, config and meta to a temporary folder, verify and load them.
 
     The weights are loaded into the generator its config describes, so that a checkpoint that
     verifies but does not load fails here (UnloadableCheckpoint), before any data is read.
     """
-    try:
-        _, contents = load_generator_model(checkpoint_url)
-    except ckpt.CheckpointError:
-        raise
-    except Exception as exc:  # any client error: unreachable storage, bad credentials
-        raise storage.StorageError(f"{checkpoint_url}: cannot be read ({_reason(exc)})") from None
+    generator, contents = load_generator_model(checkpoint_url)
     meta = contents.meta
     info = {"checkpoint": checkpoint_url, "step": meta.get("step"),
             "phase": meta.get("phase"), "samples_seen": meta.get("samples_seen"),
             "config_digest": meta.get("config_digest"), "recipe": contents.config.recipe}
-    return Subject(info, contents.config.model, contents.config, contents.generator)
-
-
-def resolve_checkpoint(url: str) -> str:
-    """The checkpoint URL itself, or the latest checkpoint of a run folder."""
-    url = storage.normalize(url)
-    try:
-        return locate_checkpoint(url)
-    except ckpt.CheckpointError:
-        raise
-    except Exception as exc:  # any client error: unreachable storage, bad credentials
-        raise storage.StorageError(f"{url}: cannot be read ({_reason(exc)})") from None
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return Subject(info, contents.config.model, contents.config, generator)
 
 
 # ------------------------------------------------------------------ data
@@ -215,8 +164,6 @@ def _score_with_ray(subject: Subject, protocol: ev.Protocol, numbered: list, req
     """One disjoint contiguous slice per worker as a Ray task (contiguous: each reads few shards); gathered once."""
     import ray
 
-    from cluster.launch import ensure_ray
-
     ensure_ray()
     count = min(len(numbered), request.workers)
     bounds = [round(i * len(numbered) / count) for i in range(count + 1)]
@@ -237,21 +184,13 @@ def _score_with_ray(subject: Subject, protocol: ev.Protocol, numbered: list, req
 
 
 # ------------------------------------------------------------------ outputs
-def _read_json(url: str) -> dict[str, Any] | None:
-    fs, path = storage.fsspec_filesystem(url)
-    try:
-        return json.loads(fs.cat_file(path))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
 def previous_evaluations(output: str) -> list[dict[str, Any]]:
     """metrics.json of the other evaluations beside ``output`` (e.g. RUN/evaluations/*)."""
     found = []
-    for folder in storage.list_subdirs(_parent(output)):
+    for folder in storage.list_subdirs(storage.parent(output)):
         if folder.rstrip("/") != output.rstrip("/"):
-            document = _read_json(storage.join(folder, ev.METRICS_FILE))
-            if document is not None and "metrics" in document:
+            document = storage.read_json(storage.join(folder, ev.METRICS_FILE))
+            if isinstance(document, dict) and "metrics" in document:
                 found.append(document)
     return found
 
@@ -265,14 +204,9 @@ def publish(output: str, document: dict[str, Any], scores: ev.Scores) -> None:
     storage.write_text(storage.join(output, ev.METRICS_FILE), ev.metrics_json(document))
 
 
-def _is_run_folder(url: str) -> bool:
-    fs, path = storage.fsspec_filesystem(url)
-    return fs.exists(f"{path}/config.json") or fs.isdir(f"{path}/tensorboard")
-
-
-def log_to_tensorboard(run_url: str, document: dict[str, Any], folder: str = "eval") -> None:
+def log_to_tensorboard(run_url: str, document: dict[str, Any], folder: str = EVAL_EVENTS) -> None:
     """Scalars into RUN/tensorboard/<folder> (written locally, then uploaded when the run is remote)."""
-    target = storage.join(run_url, "tensorboard", folder)
+    target = RunPaths.of(run_url).events(folder)
     if not storage.is_remote(target):
         ev.log_scalars(target, document)
         return
@@ -287,7 +221,7 @@ def evaluate_subject(subject: Subject, request: EvaluationRequest, output: str) 
     protocol, drawn = _protocol(subject, request)
     storage.check_writable(output)  # before the work, not after it
     untrained = []
-    if subject.config is not None and subject.weights is not None:
+    if subject.config is not None and subject.generator is not None:
         untrained = uncovered_evaluation_holes(subject.config.mask, protocol.image_size, protocol.local_size,
                                                protocol.kinds)
         if untrained:
@@ -304,29 +238,23 @@ def evaluate_subject(subject: Subject, request: EvaluationRequest, output: str) 
     if untrained:
         document["untrained_holes"] = untrained
     publish(output, document, scores)
-    if subject.weights is not None:
-        run_url = _parent(subject.info["checkpoint"])
-        if _is_run_folder(run_url):
+    if subject.generator is not None:
+        run_url = run_of_checkpoint(subject.info["checkpoint"]).run
+        if is_run_folder(run_url):
             log_to_tensorboard(run_url, document)
     return EvaluationResult(output, document)
 
 
 def resolve_subject(url: str) -> tuple[str, Subject]:
     """(checkpoint URL, loaded subject) of a checkpoint, or of a run folder's newest checkpoint that loads."""
-    url = storage.normalize(url)
-    try:
-        return ckpt.first_loadable(url, load_subject)
-    except ckpt.CheckpointError:
-        raise
-    except Exception as exc:  # any client error: unreachable storage, bad credentials
-        raise storage.StorageError(f"{url}: cannot be read ({_reason(exc)})") from None
+    return first_loadable(storage.normalize(url), load_subject)
 
 
 def evaluate_checkpoint(url: str, request: EvaluationRequest) -> EvaluationResult:
     """Evaluate one checkpoint (or a run folder's newest that loads) under the protocol."""
     checkpoint_url, subject = resolve_subject(url)
-    output = storage.normalize(request.output) if request.output else storage.join(
-        _parent(checkpoint_url), EVALUATIONS, _name(checkpoint_url))
+    output = storage.normalize(request.output) if request.output else \
+        run_of_checkpoint(checkpoint_url).evaluation(storage.name(checkpoint_url))
     return evaluate_subject(subject, request, output)
 
 
@@ -338,7 +266,7 @@ def evaluate_baseline(name: str, request: EvaluationRequest, checkpoint: str | N
     if checkpoint is not None:
         checkpoint_url, loaded = resolve_subject(checkpoint)
         subject = Subject({"baseline": name}, loaded.model, loaded.config)
-        output = output or storage.join(_parent(checkpoint_url), EVALUATIONS, f"baseline-{name}")
+        output = output or run_of_checkpoint(checkpoint_url).evaluation(baseline_name(name))
     if output is None:
         raise EvaluationError("--baseline without --checkpoint needs --output")
     return evaluate_subject(subject, request, output)
@@ -364,8 +292,8 @@ class Comparison:
 
 
 def _baseline_done(output: str, protocol: dict[str, Any]) -> EvaluationResult | None:
-    document = _read_json(storage.join(output, ev.METRICS_FILE))
-    if document is not None and "metrics" in document and ev.same_protocol(document.get("protocol", {}), protocol):
+    document = storage.read_json(storage.join(output, ev.METRICS_FILE))
+    if isinstance(document, dict) and "metrics" in document and ev.same_protocol(document.get("protocol", {}), protocol):
         return EvaluationResult(output, document)
     return None
 
@@ -380,11 +308,11 @@ def compare_with_baselines(url: str, request: EvaluationRequest,
     line to read the model's eval curves against. A method that cannot run here is skipped.
     """
     checkpoint_url, subject = resolve_subject(url)
-    run_url = _parent(checkpoint_url)
+    run = run_of_checkpoint(checkpoint_url)
     protocol, _ = _protocol(subject, request)
     done, skipped = [], {}
     for name in names:
-        output = storage.join(run_url, EVALUATIONS, f"baseline-{name}")
+        output = run.evaluation(baseline_name(name))
         result = _baseline_done(output, protocol.to_dict())
         if result is None:
             try:
@@ -394,229 +322,8 @@ def compare_with_baselines(url: str, request: EvaluationRequest,
                 continue
             result = evaluate_subject(Subject({"baseline": name}, subject.model, subject.config),
                                       replace(request, output=None), output)
-        if _is_run_folder(run_url):
-            log_to_tensorboard(run_url, {**result.document, "step": subject.info["step"]}, f"eval-baseline-{name}")
+        if is_run_folder(run.run):
+            log_to_tensorboard(run.run, {**result.document, "step": subject.info["step"]}, f"eval-{baseline_name(name)}")
         done.append(result)
-    output = storage.join(run_url, EVALUATIONS, _name(checkpoint_url))
+    output = run.evaluation(storage.name(checkpoint_url))
     return Comparison(evaluate_subject(subject, replace(request, output=None), output), done, skipped)
-
-
-# ------------------------------------------------------------------ claims
-def _claim_record(owner: str) -> bytes:
-    return json.dumps({"owner": owner, "host": socket.gethostname(), "pid": os.getpid(),
-                       "claimed_at": time.time()}).encode()
-
-
-def _create_exclusive(fs, path: str, payload: bytes) -> bool:
-    """Create ``path`` only if it does not exist; False when someone else did first."""
-    try:
-        with fs.open(path, "xb") as f:
-            f.write(payload)
-    except FileExistsError:
-        return False
-    return True
-
-
-def claim(folder: str, owner: str, *, timeout_s: float = CLAIM_TIMEOUT_S, settle_s: float = CLAIM_SETTLE_S) -> bool:
-    """Whether ``owner`` now holds the claim on an evaluation folder (see the module doc)."""
-    fs, path = storage.fsspec_filesystem(folder)
-    storage.makedirs(fs, path)
-    claim_path = f"{path}/{CLAIM_FILE}"
-    record = _claim_record(owner)
-    if not _create_exclusive(fs, claim_path, record):
-        try:
-            held = fs.cat_file(claim_path)
-            age = time.time() - fs.modified(claim_path).timestamp()
-        except FileNotFoundError:
-            return False  # released just now; the next poll may take it
-        if age < timeout_s:
-            return False
-        # Everyone who saw this stale claim races for one marker named after it; one wins.
-        marker = f"{claim_path}.takeover-{hashlib.sha256(held).hexdigest()[:16]}"
-        if not _create_exclusive(fs, marker, record):
-            return False
-        log.warning("taking over %s, stale for %.0f s (%s)", claim_path, age, held.decode(errors="replace"))
-        with fs.open(claim_path, "wb") as f:
-            f.write(record)
-    if storage.is_remote(folder):
-        time.sleep(settle_s)  # a store that ignored If-None-Match keeps the last writer: check it is us
-        if json.loads(fs.cat_file(claim_path)).get("owner") != owner:
-            return False
-    return True
-
-
-def release(folder: str) -> None:
-    """Drop a claim so that a later poll can evaluate the folder's checkpoint again."""
-    fs, path = storage.fsspec_filesystem(folder)
-    fs.rm(f"{path}/{CLAIM_FILE}")
-
-
-class ClaimHeartbeat:
-    """Renews a held claim every ``timeout_s / 4`` seconds from a background thread, until stopped.
-
-    A claim is stale when its CLAIM file has not been written for ``timeout_s``; rewriting it while
-    the evaluation runs means only a holder that died (or froze for a whole timeout) loses it, however
-    long one evaluation takes. A renewal first re-reads the claim: one that another owner took over
-    is left alone (``lost``). ``stop`` waits for a renewal in flight, so a release after it is final.
-    Use as a context manager (stops on exit) around the work done under the claim.
-    """
-
-    def __init__(self, folder: str, owner: str, timeout_s: float):
-        self.folder, self.owner = folder, owner
-        self.every_s = max(timeout_s / 4, 0.001)
-        self.renewals = 0
-        self.lost = False
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name=f"claim-heartbeat-{_name(folder)}", daemon=True)
-
-    def __enter__(self) -> "ClaimHeartbeat":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        with self._lock:  # no renewal is half done once this returns
-            pass
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            with self._lock:
-                if self._stop.is_set():
-                    return
-                try:
-                    if not self._renew():
-                        return
-                except Exception as exc:  # a store hiccup: the next beat tries again, well within the timeout
-                    log.warning("could not renew the claim on %s (%s)", self.folder, _reason(exc))
-
-    def _renew(self) -> bool:
-        fs, path = storage.fsspec_filesystem(self.folder)
-        claim_path = f"{path}/{CLAIM_FILE}"
-        try:
-            holder = json.loads(fs.cat_file(claim_path)).get("owner")
-        except FileNotFoundError:
-            holder = None
-        if holder != self.owner:
-            self.lost = True
-            log.warning("the claim on %s is no longer ours (held by %s); stopped renewing it", self.folder, holder)
-            return False
-        with fs.open(claim_path, "wb") as f:
-            f.write(_claim_record(self.owner))
-        self.renewals += 1
-        return True
-
-
-# ------------------------------------------------------------------ watch
-@dataclass
-class WatchSummary:
-    evaluated: list[str] = field(default_factory=list)  # checkpoint names, in order
-    skipped: list[str] = field(default_factory=list)  # deleted before they could be evaluated
-    unloadable: list[str] = field(default_factory=list)  # verified but could not be loaded; marked, not retried
-    polls: int = 0
-    finished: bool = False
-
-    def describe(self) -> str:
-        state = "run finished" if self.finished else "run not finished"
-        return (f"watch: {state} after {self.polls} poll(s); evaluated {len(self.evaluated)} checkpoint(s)"
-                + (f": {', '.join(self.evaluated)}" if self.evaluated else "")
-                + (f"; skipped {len(self.skipped)} deleted: {', '.join(self.skipped)}" if self.skipped else "")
-                + (f"; skipped {len(self.unloadable)} unloadable: {', '.join(self.unloadable)}"
-                   if self.unloadable else ""))
-
-
-def run_data_url(run_url: str) -> str:
-    """data.url of the run's config.json, for a watcher given no --data."""
-    try:
-        document = _read_json(storage.join(run_url, "config.json"))
-    except Exception as exc:  # any client error: no credentials, unreachable endpoint, no such bucket
-        raise storage.StorageError(f"{run_url}: cannot be read ({_reason(exc)})") from None
-    if document is None:
-        raise EvaluationError(f"{run_url}: no config.json to take the data URL from; pass --data")
-    url = Config.from_dict(document).data.url
-    if not url:
-        raise EvaluationError(f"{run_url}/config.json names no data.url; pass --data")
-    return url
-
-
-def _list_checkpoints(run_url: str) -> list[tuple[str, dict[str, Any]]]:
-    try:
-        checkpoints = checkpoint_urls(run_url)
-    except Exception as exc:  # any client error: unreachable storage, bad credentials
-        raise storage.StorageError(f"{run_url}: cannot be listed ({_reason(exc)})") from None
-    if not checkpoints:
-        log.info("no checkpoint under %s yet", run_url)
-    return checkpoints
-
-
-def _evaluate_claimed(checkpoint_url: str, folder: str, request: EvaluationRequest, summary: WatchSummary,
-                      heartbeat: ClaimHeartbeat) -> None:
-    """Evaluate a claimed checkpoint; a deleted one is skipped, an incomplete one released for later.
-
-    ``heartbeat`` renews the claim meanwhile; it is stopped before any release, so that a renewal
-    cannot recreate a released CLAIM.
-    """
-    name = _name(checkpoint_url)
-
-    def release_claim() -> None:
-        heartbeat.stop()
-        release(folder)
-
-    try:
-        subject = load_subject(checkpoint_url)
-    except ckpt.UnloadableCheckpoint as exc:
-        log.warning("skipping %s: %s", name, exc)
-        storage.write_text(storage.join(folder, UNLOADABLE_FILE), f"{exc}\n")
-        release_claim()
-        summary.unloadable.append(name)
-        return
-    except (ckpt.CheckpointError, storage.StorageError) as exc:
-        fs, path = storage.fsspec_filesystem(checkpoint_url)
-        if fs.exists(f"{path}/{ckpt.META_FILE}"):
-            log.warning("%s is not complete yet (%s); will retry on the next poll", name, _reason(exc))
-            release_claim()
-        else:
-            log.warning("%s was deleted (checkpoint retention?) before it could be evaluated; skipped", name)
-            summary.skipped.append(name)
-        return
-    try:
-        result = evaluate_subject(subject, replace(request, output=folder), folder)
-    except BaseException:
-        release_claim()  # let a later poll, or another watcher, try again
-        raise
-    log.info("%s", result.describe())
-    summary.evaluated.append(name)
-
-
-def watch(run_url: str, request: EvaluationRequest, *, interval: float | None = None, max_polls: int | None = None,
-          claim_timeout_s: float = CLAIM_TIMEOUT_S, settle_s: float = CLAIM_SETTLE_S,
-          owner: str | None = None) -> WatchSummary:
-    """Evaluate each not yet evaluated checkpoint of a run; with ``interval``, poll until the run is done."""
-    run_url = storage.normalize(run_url)
-    if not request.data:
-        request = replace(request, data=run_data_url(run_url))
-    owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    summary = WatchSummary()
-    while True:
-        summary.polls += 1
-        checkpoints = _list_checkpoints(run_url)
-        for checkpoint_url, _ in checkpoints:
-            folder = storage.join(run_url, EVALUATIONS, _name(checkpoint_url))
-            fs, path = storage.fsspec_filesystem(folder)
-            if fs.exists(f"{path}/{ev.METRICS_FILE}") or fs.exists(f"{path}/{UNLOADABLE_FILE}"):
-                continue
-            if not claim(folder, owner, timeout_s=claim_timeout_s, settle_s=settle_s):
-                log.info("%s is claimed by another evaluator; leaving it", _name(checkpoint_url))
-                continue
-            with ClaimHeartbeat(folder, owner, claim_timeout_s) as heartbeat:
-                _evaluate_claimed(checkpoint_url, folder, request, summary, heartbeat)
-        summary.finished = bool(checkpoints) and checkpoints[-1][1].get("phase") == "done"
-        if interval is None or summary.finished or (max_polls is not None and summary.polls >= max_polls):
-            return summary
-        log.info("waiting %.0f s for new checkpoints of %s", interval, run_url)
-        time.sleep(interval)

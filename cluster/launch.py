@@ -13,9 +13,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster import storage
-from inpaint import recipes
+from cluster.ray_runtime import ensure_ray
+from cluster.ray_storage import pyarrow_filesystem
+from inpaint import recipes, storage
 from inpaint.config import Config, ConfigError, apply_overrides
+from inpaint.run_folder import RunPaths
 
 log = logging.getLogger("inpaint.launch")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -59,8 +61,8 @@ class TrainRequest:
         return self.workers if isinstance(self.workers, int) else self.workers[0]
 
     @property
-    def run(self) -> storage.RunPaths:
-        return storage.RunPaths(self.storage, self.name)
+    def run(self) -> RunPaths:
+        return RunPaths(self.storage, self.name)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, *, default_data: str) -> "TrainRequest":
@@ -92,11 +94,11 @@ class TrainRequest:
 
 
 def _storage_options(items: list[str]) -> dict:
-    from inpaint.data import DataError, parse_storage_options
+    from inpaint.storage import StorageError, parse_storage_options
 
     try:
         return parse_storage_options(items)
-    except DataError as exc:
+    except StorageError as exc:
         raise UserError(str(exc)) from None
 
 
@@ -113,7 +115,7 @@ def ensure_sample_data(path: str) -> str:
 @dataclass
 class TrainSummary:
     ok: bool
-    run: storage.RunPaths
+    run: RunPaths
     step: int | None
     phase: str | None
     checkpoint: str | None
@@ -142,12 +144,12 @@ def evaluate_final(checkpoint: str, request: TrainRequest) -> tuple[str, str | N
 
     Training has succeeded by now, so a failure here is reported, not raised.
     """
-    from cluster import evaluation
+    from cluster import evaluator
 
     try:
-        comparison = evaluation.compare_with_baselines(checkpoint, evaluation.EvaluationRequest(
+        comparison = evaluator.compare_with_baselines(checkpoint, evaluator.EvaluationRequest(
             storage_options=request.storage_options, device="cuda" if request.gpu else "cpu"))
-    except evaluation.USER_ERRORS as exc:
+    except evaluator.USER_ERRORS as exc:
         log.warning("final evaluation failed: %s", exc)
         return f"final evaluation failed: {exc}", None
     from inpaint.evaluation import REPORT_FILE
@@ -223,17 +225,17 @@ def _existing_config(request: TrainRequest) -> tuple[Config | None, str]:
     """
     import json
 
-    from inpaint.checkpoint import CONFIG_FILE, checkpoint_urls
+    from inpaint.checkpoint import CONFIG_FILE
+    from inpaint.run_folder import checkpoint_urls
 
     def read(url: str) -> Config:
-        fs, path = storage.fsspec_filesystem(url)
-        return Config.from_dict(json.loads(fs.cat_file(path)))
+        return Config.from_dict(json.loads(storage.read_bytes(url)))
 
     run = request.run
     try:
         try:
             return read(run.config), run.config
-        except FileNotFoundError:
+        except storage.MissingObject:
             pass
         except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and ConfigError are ValueErrors
             raise UserError(f"run {request.name}: {run.config} is unreadable ({' '.join(str(exc).split())[:200]}); "
@@ -241,13 +243,10 @@ def _existing_config(request: TrainRequest) -> tuple[Config | None, str]:
         for url, _ in reversed(checkpoint_urls(run.run)):
             try:
                 return read(storage.join(url, CONFIG_FILE)), storage.join(url, CONFIG_FILE)
-            except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            except (storage.MissingObject, ValueError, UnicodeDecodeError):
                 continue
-    except UserError:
-        raise
-    except Exception as exc:  # any client error: unreachable storage, bad credentials
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"storage {run.run} is not readable or not reachable: {reason}") from None
+    except storage.StorageError as exc:  # unreachable storage, bad credentials, a file where a folder should be
+        raise UserError(f"storage {run.run} is not readable or not reachable: {exc}") from None
     return None, ""
 
 
@@ -261,34 +260,6 @@ def check_resume(request: TrainRequest) -> None:
         raise UserError(f"run {request.name} exists with a different config ({where}): {'; '.join(changes)}. "
                         f"Only {', '.join(RESUMABLE_FIELDS)} may change when resuming; "
                         "use a new --name for a new run")
-
-
-def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS (as `ray job submit` sets it), or start a local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    # Workers import the project from this checkout even when it is not pip-installed.
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                                           os.environ.get("PYTHONPATH")]))}}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-        return
-    # The local default starts its own Ray even when another one runs on this machine (a second checkout,
-    # a test): plain ray.init() would join the instance that the latest `ray start` recorded, and Ray
-    # Train's helper actors (PlacementGroupCleaner) find the state API by looking at the machine, which
-    # with several instances fails ("Found multiple active Ray instances") or finds the wrong one. So:
-    # address="local", and the dashboard (the state API) on a port chosen here, named to every worker.
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dashboard_port = probe.getsockname()[1]
-    runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-    ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-             runtime_env=runtime_env, log_to_driver=True)
 
 
 def _check_placeable(request: TrainRequest) -> None:
@@ -327,7 +298,7 @@ def build_trainer(request: TrainRequest):
 
     from cluster.train_loop import train_loop_per_worker
 
-    filesystem, storage_path = storage.pyarrow_filesystem(request.storage)
+    filesystem, storage_path = pyarrow_filesystem(request.storage)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": request.config.to_dict(), "storage": request.storage, "name": request.name,

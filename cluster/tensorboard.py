@@ -16,13 +16,14 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid, save_image
 
-from cluster import storage
+from inpaint import storage
+from inpaint.run_folder import RunPaths
 
 
 class RunWriter:
     """Scalars, image grids and sample PNGs for one run; call ``sync`` to publish them."""
 
-    def __init__(self, run: storage.RunPaths, *, sync_every_s: float = 30.0):
+    def __init__(self, run: RunPaths, *, sync_every_s: float = 30.0):
         self.run = run
         self.remote = storage.is_remote(run.tensorboard)
         self.local_dir = Path(tempfile.mkdtemp(prefix="inpaint-tb-")) if self.remote else Path(run.tensorboard)
@@ -52,13 +53,11 @@ class RunWriter:
         triplets = torch.stack([masked, completed, original], dim=1).flatten(0, 1).float().clamp(0, 1).cpu()
         grid = make_grid(triplets, nrow=3, padding=2)
         self.writer.add_image("images/masked|completed|original", grid, step)
-        target = storage.join(self.run.samples, f"step_{step:08d}.png")
+        target = self.run.sample(step)
         with tempfile.TemporaryDirectory() as tmp:
             png = Path(tmp) / "grid.png"
             save_image(grid, png)
-            fs, path = storage.fsspec_filesystem(target)
-            storage.makedirs(fs, path.rsplit("/", 1)[0])
-            fs.put_file(str(png), path)
+            storage.put_file(png, target)
         return target
 
     def sync(self) -> None:

@@ -19,21 +19,18 @@ import ray.train.torch
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from cluster import storage
 from cluster.tensorboard import RunWriter
-from inpaint.checkpoint import CheckpointError, checkpoint_urls
+from inpaint import storage
+from inpaint.checkpoint import CheckpointError
 from inpaint.config import Config
 from inpaint.data import TrainLoader, make_train_loader
 from inpaint.phases import Phase
+from inpaint.run_folder import RunPaths, checkpoint_name, checkpoint_urls
 from inpaint.trainer import Trainer
 
 log = logging.getLogger("inpaint.train")
 
 PHASE_INDEX = {Phase.GENERATOR: 0, Phase.DISCRIMINATOR: 1, Phase.JOINT: 2, Phase.DONE: 3}
-
-
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint_{step:09d}"
 
 
 def _memory_gb(device: torch.device) -> float:
@@ -63,7 +60,7 @@ def _load_registered(trainer: Trainer, registered: ray.train.Checkpoint) -> dict
         return trainer.load(directory)
 
 
-def choose_checkpoint(trainer: Trainer, run: storage.RunPaths,
+def choose_checkpoint(trainer: Trainer, run: RunPaths,
                       registered: ray.train.Checkpoint | None) -> tuple[str | None, dict[str, Any] | None]:
     """Load the newest checkpoint of the run that loads; return (its URL or REGISTERED or None, its meta).
 
@@ -75,7 +72,7 @@ def choose_checkpoint(trainer: Trainer, run: storage.RunPaths,
     older one is tried -- Ray's registered checkpoint included, so a corrupt checkpoint that Ray
     registered does not end training. None of them loading means a fresh start.
     """
-    registered_name = registered.path.rstrip("/").rsplit("/", 1)[-1] if registered is not None else None
+    registered_name = storage.name(registered.path) if registered is not None else None
     try:
         listed = [url for url, _ in reversed(checkpoint_urls(run.run))]  # newest step first
     except Exception as exc:  # storage unreachable right now: Ray's own record is still worth a try
@@ -86,7 +83,7 @@ def choose_checkpoint(trainer: Trainer, run: storage.RunPaths,
             return url, _load_url(trainer, url)
         except (CheckpointError, storage.StorageError, OSError) as exc:
             log.warning("skipping %s: %s", url, " ".join(str(exc).split()))
-    if registered is not None and registered_name not in {url.rsplit("/", 1)[-1] for url in listed}:
+    if registered is not None and registered_name not in {storage.name(url) for url in listed}:
         try:
             return REGISTERED, _load_registered(trainer, registered)
         except (CheckpointError, OSError) as exc:
@@ -113,7 +110,7 @@ def _union_over_ranks(keys: set[str]) -> set[str]:
     return set().union(*gathered)
 
 
-def restore_latest(trainer: Trainer, run: storage.RunPaths, registered: ray.train.Checkpoint | None, *,
+def restore_latest(trainer: Trainer, run: RunPaths, registered: ray.train.Checkpoint | None, *,
                    rank: int = 0, world_size: int = 1, announce: bool | None = None) -> str | None:
     """Every rank resumes from the checkpoint rank 0 chose (see :func:`choose_checkpoint`); returns it.
 
@@ -152,7 +149,7 @@ def restore_latest(trainer: Trainer, run: storage.RunPaths, registered: ray.trai
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = Config.from_dict(loop_config["config"])
-    run = storage.RunPaths(loop_config["storage"], loop_config["name"])
+    run = RunPaths(loop_config["storage"], loop_config["name"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()

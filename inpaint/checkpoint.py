@@ -14,22 +14,20 @@ Everything loads without unpickling code: safetensors for weights and
 ``torch.load(weights_only=True)`` for the trainer state, so a checkpoint from someone else
 cannot run code on load.
 
-Finding checkpoints under a run folder works at any fsspec URL (local or ``s3://``); moving
-folders between storage and Ray is the caller's business (``cluster/``).
+Finding a run folder's checkpoints is :mod:`inpaint.run_folder`'s (it owns the run layout);
+moving folders between storage and Ray is the caller's business (``cluster/``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
-import fsspec
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -44,8 +42,6 @@ TRAINER_FILE = "trainer.pt"
 FORMAT_VERSION = 1
 INFERENCE_FILES = (GENERATOR_FILE, CONFIG_FILE)
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class CheckpointError(RuntimeError):
@@ -216,65 +212,3 @@ def load_checkpoint(directory: str | os.PathLike, *, weights_only: bool = False)
                 raise UnloadableCheckpoint(f"{root / TRAINER_FILE}: not a trainer state")
     return CheckpointContents(config=config, meta=meta, generator=generator,
                               discriminator=discriminator, trainer=trainer)
-
-
-def checkpoint_urls(run_url: str) -> list[tuple[str, dict[str, Any]]]:
-    """(URL, meta) of each checkpoint with a meta.json directly under a run folder, oldest step first."""
-    fs, path = fsspec.core.url_to_fs(run_url)
-    if not fs.isdir(path):
-        return []
-    found = []
-    for entry in fs.ls(path, detail=True):
-        if entry["type"] != "directory":
-            continue
-        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        try:
-            meta = check_meta_shape(json.loads(fs.cat_file(f"{entry['name'].rstrip('/')}/{META_FILE}")), name)
-        except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
-            continue  # not a checkpoint (tensorboard/, evaluations/) or one still being written
-        except UnloadableCheckpoint as exc:
-            log.warning("skipping %s: %s", name, exc)
-            continue
-        found.append((meta.get("step", -1), name, f"{run_url.rstrip('/')}/{name}", meta))
-    return [(url, meta) for _, _, url, meta in sorted(found, key=lambda item: item[:2])]
-
-
-def locate_checkpoints(url: str) -> list[str]:
-    """``[url]`` when it is a checkpoint, else the run folder's checkpoints, newest first.
-
-    Callers that load try them in order and skip (with a one-line warning) those that raise
-    CheckpointError, so one corrupt newest checkpoint does not block a run folder.
-    """
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.isfile(f"{path}/{META_FILE}"):
-        return [url]
-    if not fs.isdir(path):
-        raise CheckpointError(f"{url}: no such checkpoint or run folder")
-    found = checkpoint_urls(url)
-    if not found:
-        raise CheckpointError(f"{url}: not a checkpoint, and holds no complete checkpoint_* folder")
-    return [candidate for candidate, _ in reversed(found)]
-
-
-def locate_checkpoint(url: str) -> str:
-    """``url`` itself when it is a checkpoint, else the latest checkpoint of the run folder it names."""
-    return locate_checkpoints(url)[0]
-
-
-def first_loadable(url: str, load: Callable[[str], T]) -> tuple[str, T]:
-    """(checkpoint URL, ``load(URL)``) of the newest checkpoint that ``url`` names that loads.
-
-    A checkpoint URL is loaded as is (its error propagates). For a run folder each checkpoint,
-    newest first, is tried; one raising CheckpointError is skipped with a one-line warning.
-    """
-    candidates = locate_checkpoints(url)
-    if len(candidates) == 1 and candidates[0] == url:
-        return url, load(url)
-    errors = []
-    for candidate in candidates:
-        try:
-            return candidate, load(candidate)
-        except CheckpointError as exc:
-            log.warning("skipping %s: %s", candidate.rstrip("/").rsplit("/", 1)[-1], exc)
-            errors.append(str(exc))
-    raise CheckpointError(f"{url}: none of its {len(candidates)} checkpoint(s) loads (newest: {errors[0]})")

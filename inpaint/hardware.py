@@ -109,3 +109,12 @@ def describe_cpu_line() -> str:
             f"torch kernels {info['torch_cpu_capability']}{cap}: native bf16 {'yes' if info['native_bf16'] else 'no'}"
             f" -> CPU defaults bf16={str(info['default_bf16']).lower()}, "
             f"channels_last={str(info['default_channels_last']).lower()}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``runtime.device`` (auto, cpu, cuda, cuda:N) as a device; RuntimeError when CUDA is asked for but absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"runtime.device={name} but no CUDA device is available")
+    return torch.device(name)

@@ -31,16 +31,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from inpaint import checkpoint as ckpt
+from inpaint import storage
 from inpaint.config import Config
 from inpaint.models import Generator, build_generator
-from inpaint.trainer import resolve_device
+from inpaint.run_folder import first_loadable
+from inpaint.hardware import resolve_device
 
 MULTIPLE = 4  # the generator downsamples twice
 MAX_FILL_PIXELS = 2048 * 2048  # the largest window filled at once by default (see the module doc)
@@ -53,21 +54,16 @@ class InpaintError(ValueError):
     """An image, mask or box the inpainter cannot use; the message is one line."""
 
 
-def _is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
 def fetch_checkpoint(url: str, directory: str | Path) -> Path:
     """A local folder holding what inference needs of the checkpoint at ``url`` (itself when local).
 
     Only meta.json, config.json and the generator are copied: the discriminator and the
     optimizer state are ~95% of a paper-size checkpoint (~2 GB) and inference never reads them.
     """
-    if not _is_remote(url):
+    if not storage.is_remote(url):
         return Path(url.removeprefix("file://"))
-    fs, path = fsspec.core.url_to_fs(url)
     for name in INFERENCE_FILES:
-        fs.get_file(f"{path.rstrip('/')}/{name}", str(Path(directory) / name))
+        storage.get_file(storage.join(url, name), Path(directory) / name)
     return Path(directory)
 
 
@@ -85,7 +81,7 @@ def load_generator_model(url: str) -> tuple[Generator, ckpt.CheckpointContents]:
     with tempfile.TemporaryDirectory(prefix="inpaint-ckpt-") as tmp:
         try:
             local = fetch_checkpoint(url, tmp)
-        except FileNotFoundError:
+        except storage.MissingObject:
             raise ckpt.CheckpointError(f"{url}: incomplete or deleted checkpoint") from None
         contents = load_generator(local)
     try:
@@ -194,12 +190,9 @@ class Inpainter:
         """Load the generator of a checkpoint folder, or of a run folder's newest checkpoint that loads."""
         _device(device)  # a wrong device is the user's mistake, not the checkpoint's
         try:
-            _, (generator, contents) = ckpt.first_loadable(url, load_generator_model)
-        except ckpt.CheckpointError:
-            raise
-        except Exception as exc:  # any storage client error means the same to the user
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ckpt.CheckpointError(f"{url}: cannot read the checkpoint ({reason})") from None
+            _, (generator, contents) = first_loadable(url, load_generator_model)
+        except storage.StorageError as exc:  # unreachable storage, bad credentials, no such bucket
+            raise ckpt.CheckpointError(f"{url}: cannot read the checkpoint ({exc})") from None
         return cls(generator, contents.config, device=device, meta=contents.meta, max_pixels=max_pixels)
 
     @torch.no_grad()

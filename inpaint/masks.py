@@ -282,24 +282,6 @@ def local_box(mask: Tensor, patch_size: int, generator: torch.Generator | None =
     return _box(mask, patch_size, generator, require_fit=True)
 
 
-def crop_local(images: Tensor, boxes: Tensor, patch_size: int) -> Tensor:
-    """The (B, C, p, p) patches at boxes (B, 2) = (top, left); one gather, differentiable."""
-    if images.dim() != 4:
-        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-    batch, channels, height, width = images.shape
-    if boxes.shape != (batch, 2):
-        raise ValueError(f"boxes must be ({batch}, 2), got shape {tuple(boxes.shape)}")
-    if not 1 <= patch_size <= min(height, width):
-        raise ValueError(f"patch_size must be in [1, {min(height, width)}], got {patch_size}")
-    offsets = torch.arange(patch_size, device=images.device)
-    boxes = boxes.to(device=images.device, dtype=torch.long)
-    rows = boxes[:, 0, None] + offsets
-    cols = boxes[:, 1, None] + offsets
-    flat_index = (rows[:, :, None] * width + cols[:, None, :]).view(batch, 1, -1)
-    patches = images.reshape(batch, channels, -1).gather(2, flat_index.expand(-1, channels, -1))
-    return patches.view(batch, channels, patch_size, patch_size)
-
-
 class MaskSampler:
     """Training holes and local boxes of one kind, drawn per image from a generator."""
 

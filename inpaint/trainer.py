@@ -30,29 +30,20 @@ from torch.profiler import record_function
 
 from inpaint import checkpoint as ckpt
 from inpaint.config import Config
-from inpaint.hardware import default_bf16, default_channels_last
+from inpaint.hardware import default_bf16, default_channels_last, resolve_device
 from inpaint.losses import (
     contextual_loss,
     discriminator_loss,
     generator_adversarial_loss,
     reconstruction_loss,
 )
-from inpaint.masks import crop_local
-from inpaint.models import build_discriminator, build_generator, composite
+from inpaint.models import build_discriminator, build_generator, composite, crop_local
 from inpaint.phases import Phase, PhaseSchedule
 
 log = logging.getLogger(__name__)
 
 # The profiler ranges of a step (see the module docstring); losses, compositing and crops are outside them.
 SECTIONS = ("generator", "discriminator", "vgg16", "contextual_loss", "optimizer")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device=cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

@@ -18,10 +18,10 @@ import io
 import os
 from pathlib import Path
 
-import fsspec
 import torch
 from torch import Tensor, nn
 
+from inpaint import storage
 from inpaint.config import VGG_LAYERS
 
 # Indices into torchvision's vgg16().features of the ReLU closing each conv stage.
@@ -143,12 +143,11 @@ def _download_imagenet() -> dict[str, Tensor]:
 def _read_file(spec: str) -> object:
     """Load a state dict (torch.save or safetensors) from a local path or any fsspec URL."""
     try:
-        with fsspec.open(spec, "rb") as handle:
-            payload = handle.read()
-    except FileNotFoundError:
+        payload = storage.read_bytes(spec)
+    except storage.MissingObject:
         raise VGGWeightsError(f"VGG16 weights file not found: {spec}; {_HOW_TO_PROVIDE}") from None
-    except Exception as error:  # unknown protocol, credentials, unreachable storage, a directory...
-        raise VGGWeightsError(f"cannot read VGG16 weights from {spec}: {' '.join(str(error).split())}") from None
+    except storage.StorageError as error:  # unknown protocol, credentials, unreachable storage, a directory...
+        raise VGGWeightsError(f"cannot read VGG16 weights from {spec}: {error}") from None
     try:
         if spec.endswith(".safetensors"):
             from safetensors.torch import load as load_safetensors

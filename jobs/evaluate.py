@@ -73,23 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         parser.error("--workers must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from cluster import evaluation  # heavy imports after --help
-    from inpaint.data.storage import parse_storage_options
+    from cluster import evaluator, watcher  # heavy imports after --help
+    from inpaint.storage import parse_storage_options
 
     try:
-        request = evaluation.EvaluationRequest(
+        request = evaluator.EvaluationRequest(
             data=args.data, output=args.output, num_images=args.num_images, seed=args.seed, workers=args.workers,
             split=args.split, storage_options=parse_storage_options(args.storage_option), device=args.device)
         if args.watch:
-            summary = evaluation.watch(args.watch, request, interval=args.interval, max_polls=args.max_polls,
+            summary = watcher.watch(args.watch, request, interval=args.interval, max_polls=args.max_polls,
                                        claim_timeout_s=args.claim_timeout)
             print(summary.describe())
             return 0
         if args.baseline:
-            result = evaluation.evaluate_baseline(args.baseline, request, checkpoint=args.checkpoint)
+            result = evaluator.evaluate_baseline(args.baseline, request, checkpoint=args.checkpoint)
         else:
-            result = evaluation.evaluate_checkpoint(args.checkpoint, request)
-    except evaluation.USER_ERRORS as exc:
+            result = evaluator.evaluate_checkpoint(args.checkpoint, request)
+    except evaluator.USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result.describe())

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from inpaint.data import DataError, pack_dataset, parse_storage_options
+    from inpaint.data import DataError, pack_dataset
+    from inpaint.storage import StorageError, parse_storage_options
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("inpaint").setLevel(logging.INFO)
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                                    split=args.split, seed=args.seed,
                                    storage_options=parse_storage_options(args.storage_option),
                                    progress=not args.quiet, test_fraction=args.test_fraction)
-    except DataError as exc:
+    except (DataError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(summary.describe())

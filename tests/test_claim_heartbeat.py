@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster import evaluation as cev
+from cluster import evaluator as cev
+from cluster import watcher
+from inpaint import run_folder
 from tests.test_unloadable_checkpoints import NEW, OLD, run, template_run  # noqa: F401  (fixtures)
 
 TIMEOUT_S = 1.0  # far shorter than the slowed evaluation below
@@ -23,39 +25,39 @@ TIMEOUT_S = 1.0  # far shorter than the slowed evaluation below
 
 def test_a_renewed_claim_is_never_stale_and_a_stopped_one_goes_stale(tmp_path):
     folder = str(tmp_path / "evaluations" / OLD)
-    assert cev.claim(folder, "a", timeout_s=TIMEOUT_S)
-    heartbeat = cev.ClaimHeartbeat(folder, "a", TIMEOUT_S)
+    assert watcher.claim(folder, "a", timeout_s=TIMEOUT_S)
+    heartbeat = watcher.ClaimHeartbeat(folder, "a", TIMEOUT_S)
     with heartbeat:
         deadline = time.monotonic() + 4 * TIMEOUT_S
         while time.monotonic() < deadline:
-            assert not cev.claim(folder, "b", timeout_s=TIMEOUT_S, settle_s=0.0)
+            assert not watcher.claim(folder, "b", timeout_s=TIMEOUT_S, settle_s=0.0)
             time.sleep(TIMEOUT_S / 5)
         assert heartbeat.renewals >= 4
-    assert json.loads((Path(folder) / cev.CLAIM_FILE).read_text())["owner"] == "a"
+    assert json.loads((Path(folder) / run_folder.CLAIM).read_text())["owner"] == "a"
     time.sleep(TIMEOUT_S * 1.5)  # stopped: the claim is a crashed holder's now
-    assert cev.claim(folder, "b", timeout_s=TIMEOUT_S, settle_s=0.0)
+    assert watcher.claim(folder, "b", timeout_s=TIMEOUT_S, settle_s=0.0)
 
 
 def test_a_heartbeat_does_not_overwrite_a_claim_someone_else_took(tmp_path):
     folder = str(tmp_path / "evaluations" / OLD)
-    assert cev.claim(folder, "a", timeout_s=TIMEOUT_S)
-    with cev.ClaimHeartbeat(folder, "a", TIMEOUT_S) as heartbeat:
-        (Path(folder) / cev.CLAIM_FILE).write_text(json.dumps({"owner": "b"}))  # b took over (a was frozen)
+    assert watcher.claim(folder, "a", timeout_s=TIMEOUT_S)
+    with watcher.ClaimHeartbeat(folder, "a", TIMEOUT_S) as heartbeat:
+        (Path(folder) / run_folder.CLAIM).write_text(json.dumps({"owner": "b"}))  # b took over (a was frozen)
         time.sleep(TIMEOUT_S)
         assert heartbeat.lost
-    assert json.loads((Path(folder) / cev.CLAIM_FILE).read_text())["owner"] == "b"
+    assert json.loads((Path(folder) / run_folder.CLAIM).read_text())["owner"] == "b"
 
 
 def test_a_released_claim_is_not_recreated_by_its_heartbeat(tmp_path):
     folder = str(tmp_path / "evaluations" / OLD)
-    assert cev.claim(folder, "a", timeout_s=0.04)
-    heartbeat = cev.ClaimHeartbeat(folder, "a", 0.04)  # renews every 10 ms
+    assert watcher.claim(folder, "a", timeout_s=0.04)
+    heartbeat = watcher.ClaimHeartbeat(folder, "a", 0.04)  # renews every 10 ms
     with heartbeat:
         time.sleep(0.1)
         heartbeat.stop()
-        cev.release(folder)
+        watcher.release(folder)
         time.sleep(0.1)
-    assert not (Path(folder) / cev.CLAIM_FILE).exists()
+    assert not (Path(folder) / run_folder.CLAIM).exists()
 
 
 def test_two_watchers_with_a_short_claim_timeout_evaluate_each_checkpoint_once(run, monkeypatch):
@@ -70,20 +72,20 @@ def test_two_watchers_with_a_short_claim_timeout_evaluate_each_checkpoint_once(r
             time.sleep(5 * TIMEOUT_S)  # much longer than the claim timeout: the other watcher keeps polling
         return evaluate(subject, request, output)
 
-    monkeypatch.setattr(cev, "evaluate_subject", slow_evaluate)
+    monkeypatch.setattr(watcher, "evaluate_subject", slow_evaluate)
     start = threading.Barrier(2)
     summaries, errors = {}, []
 
-    def watcher(owner: str) -> None:
+    def watch_as(owner: str) -> None:
         start.wait()
         try:
-            summaries[owner] = cev.watch(str(run), cev.EvaluationRequest(num_images=2, device="cpu"),
-                                         interval=0.2, max_polls=30, claim_timeout_s=TIMEOUT_S, settle_s=0.0,
-                                         owner=owner)
+            summaries[owner] = watcher.watch(str(run), cev.EvaluationRequest(num_images=2, device="cpu"),
+                                             interval=0.2, max_polls=30, claim_timeout_s=TIMEOUT_S, settle_s=0.0,
+                                             owner=owner)
         except BaseException as exc:  # noqa: BLE001  (reported below, not lost in the thread)
             errors.append(exc)
 
-    threads = [threading.Thread(target=watcher, args=(owner,)) for owner in ("a", "b")]
+    threads = [threading.Thread(target=watch_as, args=(owner,)) for owner in ("a", "b")]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -93,18 +95,18 @@ def test_two_watchers_with_a_short_claim_timeout_evaluate_each_checkpoint_once(r
     assert sorted(summaries["a"].evaluated + summaries["b"].evaluated) == [OLD, NEW]
     for name in (OLD, NEW):
         assert (run / "evaluations" / name / "metrics.json").is_file()
-        assert not list((run / "evaluations" / name).glob(f"{cev.CLAIM_FILE}.takeover-*"))  # nobody took over
+        assert not list((run / "evaluations" / name).glob(f"{run_folder.CLAIM}.takeover-*"))  # nobody took over
 
 
 def test_a_claim_in_s3_is_renewed_too(s3_bucket):
     timeout_s = 3.0  # S3 keeps LastModified to the second: a claim's age reads up to 1 s high
     folder = f"{s3_bucket}/run/evaluations/{OLD}"
-    assert cev.claim(folder, "a", timeout_s=timeout_s, settle_s=0.0)
-    with cev.ClaimHeartbeat(folder, "a", timeout_s) as heartbeat:
+    assert watcher.claim(folder, "a", timeout_s=timeout_s, settle_s=0.0)
+    with watcher.ClaimHeartbeat(folder, "a", timeout_s) as heartbeat:
         deadline = time.monotonic() + 2 * timeout_s
         while time.monotonic() < deadline:
-            assert not cev.claim(folder, "b", timeout_s=timeout_s, settle_s=0.0)
+            assert not watcher.claim(folder, "b", timeout_s=timeout_s, settle_s=0.0)
             time.sleep(0.5)
         assert heartbeat.renewals >= 4 and not heartbeat.lost
     time.sleep(timeout_s * 1.5)
-    assert cev.claim(folder, "b", timeout_s=timeout_s, settle_s=0.0)
+    assert watcher.claim(folder, "b", timeout_s=timeout_s, settle_s=0.0)

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from inpaint.data import DataError, load_index, pack_dataset, parse_storage_options, split_keys
+from inpaint.storage import StorageError
 from inpaint.data import pack, sources
 from inpaint.data.shards import parse_shard
 from inpaint.data.sources import SAMPLE_PHOTOS, SAMPLE_SIDES, SAMPLE_TILE, open_source, sample_photo, sample_tiles
@@ -343,7 +344,7 @@ def test_storage_options_parse_nested_and_typed_values():
                                   "config_kwargs.retries={\"max_attempts\": 3}"]) == {
         "endpoint_url": "http://minio:9000", "anon": True, "client_kwargs": {"region_name": "eu"},
         "config_kwargs": {"retries": {"max_attempts": 3}}}
-    with pytest.raises(DataError, match="expected key=value"):
+    with pytest.raises(StorageError, match="expected key=value"):
         parse_storage_options(["endpoint_url"])
 
 
@@ -388,7 +389,7 @@ def test_cli_packs_the_sample_dataset_as_a_script(tmp_path):
 
 @pytest.mark.parametrize("to_s3", [False, pytest.param(True, marks=pytest.mark.s3)])
 def test_read_into_reuses_a_buffer_that_fits_and_never_truncates(tmp_path, s3_bucket, to_s3):
-    from inpaint.data.storage import MissingData, read_into
+    from inpaint.storage import MissingObject, read_into
 
     url = f"{s3_bucket}/blob" if to_s3 else str(tmp_path / "blob")
     payload = bytes(range(256)) * 40
@@ -400,5 +401,5 @@ def test_read_into_reuses_a_buffer_that_fits_and_never_truncates(tmp_path, s3_bu
     small = bytearray(10)
     buffer, size = read_into(url, small)
     assert buffer is not small and bytes(buffer[:size]) == payload
-    with pytest.raises(MissingData, match="not found"):
+    with pytest.raises(MissingObject, match="not found"):
         read_into(url + "-missing", roomy)

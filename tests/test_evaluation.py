@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from cluster import evaluation as cev
+from cluster import evaluator as cev
+from cluster import watcher
+from inpaint import run_folder
 from inpaint import evaluation as ev
 from inpaint import recipes
 from inpaint.baselines import BaselineError, biharmonic, telea
@@ -282,7 +284,7 @@ def test_watch_evaluates_each_checkpoint_once_then_skips_them(run, capsys):
     assert "evaluated 2 checkpoint(s)" in capsys.readouterr().out
     assert evaluated_folders(run) == ["checkpoint_000000002", "checkpoint_000000004"]
     stamp = (run / "evaluations" / "checkpoint_000000002" / ev.METRICS_FILE).stat().st_mtime_ns
-    summary = cev.watch(str(run), request(num_images=4))
+    summary = watcher.watch(str(run), request(num_images=4))
     assert summary.evaluated == [] and summary.polls == 1
     assert (run / "evaluations" / "checkpoint_000000002" / ev.METRICS_FILE).stat().st_mtime_ns == stamp
 
@@ -294,15 +296,15 @@ def test_two_watchers_at_once_evaluate_each_checkpoint_exactly_once(run, monkeyp
         time.sleep(0.5)  # both watchers are surely inside the loop at once
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(cev, "evaluate_subject", slow_evaluate)
+    monkeypatch.setattr(watcher, "evaluate_subject", slow_evaluate)
     start = threading.Barrier(2)
     summaries = {}
 
-    def watcher(owner: str) -> None:
+    def watch_as(owner: str) -> None:
         start.wait()
-        summaries[owner] = cev.watch(str(run), request(num_images=4), owner=owner)
+        summaries[owner] = watcher.watch(str(run), request(num_images=4), owner=owner)
 
-    threads = [threading.Thread(target=watcher, args=(owner,)) for owner in ("a", "b")]
+    threads = [threading.Thread(target=watch_as, args=(owner,)) for owner in ("a", "b")]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -314,55 +316,55 @@ def test_two_watchers_at_once_evaluate_each_checkpoint_exactly_once(run, monkeyp
 
 
 def test_watch_skips_a_checkpoint_deleted_after_listing(run, monkeypatch):
-    listed = cev.checkpoint_urls
+    listed = run_folder.checkpoint_urls
 
     def list_then_retention(run_url):
         found = listed(run_url)
         shutil.rmtree(found[0][0])  # Ray's retention removes the oldest while the watcher works
         return found
 
-    monkeypatch.setattr(cev, "checkpoint_urls", list_then_retention)
-    summary = cev.watch(str(run), request(num_images=4))
+    monkeypatch.setattr(watcher, "checkpoint_urls", list_then_retention)
+    summary = watcher.watch(str(run), request(num_images=4))
     assert summary.skipped == ["checkpoint_000000002"] and summary.evaluated == ["checkpoint_000000004"]
 
 
 def test_watch_polls_until_the_latest_checkpoint_is_done(run):
-    summary = cev.watch(str(run), request(num_images=4), interval=0.01, max_polls=3)
+    summary = watcher.watch(str(run), request(num_images=4), interval=0.01, max_polls=3)
     assert summary.polls == 3 and not summary.finished and len(summary.evaluated) == 2
 
     done = run / "checkpoint_000000006"
     shutil.copytree(run / "checkpoint_000000004", done)
     meta = json.loads((done / "meta.json").read_text())
     (done / "meta.json").write_text(json.dumps({**meta, "step": 6, "phase": "done"}))
-    summary = cev.watch(str(run), request(num_images=4), interval=3600, max_polls=10)
+    summary = watcher.watch(str(run), request(num_images=4), interval=3600, max_polls=10)
     assert summary.finished and summary.polls == 1 and summary.evaluated == ["checkpoint_000000006"]
 
 
 def test_claims_are_exclusive_and_a_stale_one_is_taken_over_once(tmp_path):
     folder = str(tmp_path / "evaluations" / "checkpoint_000000001")
-    assert cev.claim(folder, "a")
-    assert not cev.claim(folder, "b")
+    assert watcher.claim(folder, "a")
+    assert not watcher.claim(folder, "b")
     old = time.time() - 3 * 3600
-    os.utime(Path(folder) / cev.CLAIM_FILE, (old, old))
-    assert cev.claim(folder, "c", timeout_s=3600)
-    assert json.loads((Path(folder) / cev.CLAIM_FILE).read_text())["owner"] == "c"
-    os.utime(Path(folder) / cev.CLAIM_FILE, (old, old))
+    os.utime(Path(folder) / run_folder.CLAIM, (old, old))
+    assert watcher.claim(folder, "c", timeout_s=3600)
+    assert json.loads((Path(folder) / run_folder.CLAIM).read_text())["owner"] == "c"
+    os.utime(Path(folder) / run_folder.CLAIM, (old, old))
     marker_count = len(list(Path(folder).glob("CLAIM.takeover-*")))
-    assert cev.claim(folder, "d", timeout_s=3600)
+    assert watcher.claim(folder, "d", timeout_s=3600)
     assert len(list(Path(folder).glob("CLAIM.takeover-*"))) == marker_count + 1
 
 
 def test_two_takers_of_one_stale_claim_cannot_both_win(tmp_path):
     folder = str(tmp_path / "ckpt")
-    assert cev.claim(folder, "crashed")
+    assert watcher.claim(folder, "crashed")
     old = time.time() - 3 * 3600
-    os.utime(Path(folder) / cev.CLAIM_FILE, (old, old))
-    stale = (Path(folder) / cev.CLAIM_FILE).read_bytes()
-    assert cev.claim(folder, "first", timeout_s=3600)
+    os.utime(Path(folder) / run_folder.CLAIM, (old, old))
+    stale = (Path(folder) / run_folder.CLAIM).read_bytes()
+    assert watcher.claim(folder, "first", timeout_s=3600)
     # A second taker that read the same stale claim races for the same marker and loses.
-    (Path(folder) / cev.CLAIM_FILE).write_bytes(stale)
-    os.utime(Path(folder) / cev.CLAIM_FILE, (old, old))
-    assert not cev.claim(folder, "second", timeout_s=3600)
+    (Path(folder) / run_folder.CLAIM).write_bytes(stale)
+    os.utime(Path(folder) / run_folder.CLAIM, (old, old))
+    assert not watcher.claim(folder, "second", timeout_s=3600)
 
 
 # ------------------------------------------------------------------ S3
@@ -379,7 +381,7 @@ def test_evaluate_and_watch_a_run_in_s3(run, s3_bucket):
     assert fs.exists(f"{result.output}/{ev.GRID_FILE}") and fs.exists(f"{result.output}/{ev.REPORT_FILE}")
     assert fs.ls(f"{remote}/tensorboard/eval")
 
-    summary = cev.watch(remote, request(num_images=4), settle_s=0.0)
+    summary = watcher.watch(remote, request(num_images=4), settle_s=0.0)
     assert summary.evaluated == ["checkpoint_000000002"]  # the latest was evaluated above
-    assert fs.exists(f"{remote}/evaluations/checkpoint_000000002/{cev.CLAIM_FILE}")
-    assert not cev.claim(f"{remote}/evaluations/checkpoint_000000002", "someone-else", settle_s=0.0)
+    assert fs.exists(f"{remote}/evaluations/checkpoint_000000002/{run_folder.CLAIM}")
+    assert not watcher.claim(f"{remote}/evaluations/checkpoint_000000002", "someone-else", settle_s=0.0)

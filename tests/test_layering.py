@@ -4,6 +4,7 @@ above it), and the benchmark modules import one another without a cycle."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,52 @@ def test_the_model_library_never_imports_cluster_jobs_or_benchmarks():
         if above:
             offending[str(path.relative_to(REPO))] = above
     assert not offending, offending
+
+
+# Direct filesystem access: everything goes through inpaint/storage.py (one retry policy, one error translator).
+DIRECT_STORAGE = re.compile(r"\burl_to_fs\b|\bfsspec\.(open|filesystem|core|get_filesystem_class)\b|^\s*import fsspec\b|"
+                            r"^\s*from fsspec\b|\.cat_file\(|\bfs\.(open|ls|rm|put|put_file|get|get_file|cat|pipe|exists)\(",
+                            re.MULTILINE)
+STORAGE_MODULE = Path("inpaint/storage.py")
+# The client handed to Ray Train (which does its own I/O through it) is built by inpaint.storage;
+# its wrapper's one check that a bucket exists talks to that client directly.
+RAY_WRAPPER = Path("cluster/ray_storage.py")
+
+
+def direct_storage_calls(text: str) -> list[str]:
+    """The lines of ``text`` that reach a filesystem without inpaint.storage."""
+    return [text[:m.start()].count("\n") + 1 for m in DIRECT_STORAGE.finditer(text)
+            if not text[text.rfind("\n", 0, m.start()) + 1:m.start()].lstrip().startswith("#")]
+
+
+def test_direct_storage_calls_are_found():
+    planted = "import fsspec\nfs, path = fsspec.core.url_to_fs(url)\nwith fs.open(path) as f:\n    pass\n# fs.open( in a comment\n"
+    assert direct_storage_calls(planted) == [1, 2, 2, 3]
+    assert direct_storage_calls("from inpaint import storage\nstorage.read_bytes(url)\n") == []
+
+
+def test_every_storage_access_in_the_library_and_the_cluster_layer_goes_through_one_module():
+    offending = {}
+    for folder in ("inpaint", "cluster"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if path.relative_to(REPO) not in (STORAGE_MODULE, RAY_WRAPPER):
+                lines = direct_storage_calls(path.read_text())
+                if lines:
+                    offending[str(path.relative_to(REPO))] = lines
+    assert not offending, f"use inpaint.storage instead (file: lines): {offending}"
+
+
+# The one documented lazy re-export: ``inpaint.Inpainter`` (inpaint/__init__.py's __getattr__).
+LAZY_REEXPORTS = {("inpaint", "inpaint.inference")}
+
+
+def test_the_project_imports_without_a_cycle_and_no_layer_imports_one_above_it():
+    graph: dict[str, set[str]] = {}
+    modules = {module_name(p, REPO): p for f in ("inpaint", "cluster", "jobs") for p in sorted((REPO / f).rglob("*.py"))}
+    for name, path in modules.items():
+        graph[name] = {m for m in imported_names(path, REPO) & set(modules) - {name} if (name, m) not in LAZY_REEXPORTS}
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+    rank = {"inpaint": 0, "cluster": 1, "jobs": 2}
+    upward = sorted((a, b) for a, targets in graph.items() for b in targets
+                    if rank[b.split(".")[0]] > rank[a.split(".")[0]])
+    assert not upward, upward

@@ -10,13 +10,13 @@ from inpaint.masks import (
     Draws,
     MaskSampler,
     center_mask,
-    crop_local,
     evaluation_masks,
     freeform_mask,
     hole_bbox,
     local_box,
     random_rect_mask,
 )
+from inpaint.models import crop_local
 
 
 def generator(seed=0):

@@ -29,14 +29,15 @@ def _free_port() -> int:
 
 
 def _restore(run: Path, rank: int, world_size: int) -> dict:
-    from cluster import storage, train_loop
+    from cluster import train_loop
+    from inpaint.run_folder import RunPaths
     from inpaint.config import Config
     from inpaint.trainer import Trainer
 
     trainer = Trainer(Config.from_dict(json.loads((run / "config.json").read_text())), device="cpu",
                       world_size=world_size, rank=rank)
     try:
-        choice = train_loop.restore_latest(trainer, storage.RunPaths(str(run.parent), run.name), None,
+        choice = train_loop.restore_latest(trainer, RunPaths(str(run.parent), run.name), None,
                                            rank=rank, world_size=world_size)
     except RuntimeError as exc:
         return {"error": str(exc)}

@@ -6,7 +6,9 @@ import uuid
 
 import pytest
 
-from cluster import launch, storage
+from cluster import launch
+from cluster.ray_storage import pyarrow_filesystem
+from inpaint import storage
 from tests.cli_harness import run_cli
 
 
@@ -31,9 +33,9 @@ def test_check_writable_refuses_a_missing_bucket(missing):
 
 
 def test_writes_and_ray_folders_never_create_a_bucket(missing):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(storage.MissingObject):
         storage.write_text(f"s3://{missing}/runs/x/config.json", "{}")
-    filesystem, path = storage.pyarrow_filesystem(f"s3://{missing}/runs")
+    filesystem, path = pyarrow_filesystem(f"s3://{missing}/runs")
     with pytest.raises(FileNotFoundError):
         filesystem.create_dir(f"{path}/x")
     assert missing not in _buckets()
@@ -42,7 +44,7 @@ def test_writes_and_ray_folders_never_create_a_bucket(missing):
 def test_an_existing_bucket_still_works(s3_bucket):
     storage.check_writable(f"{s3_bucket}/runs")
     storage.write_text(f"{s3_bucket}/runs/x/config.json", "{}")
-    filesystem, path = storage.pyarrow_filesystem(f"{s3_bucket}/runs")
+    filesystem, path = pyarrow_filesystem(f"{s3_bucket}/runs")
     filesystem.create_dir(f"{path}/y")
 
 

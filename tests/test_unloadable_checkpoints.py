@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster import evaluation as cev
-from cluster import storage
+from cluster import evaluator as cev
+from cluster import watcher
+from inpaint import run_folder
 from cluster import train_loop
 from inpaint import checkpoint as ckpt
 from inpaint.config import Config
@@ -172,15 +173,15 @@ def test_watch_marks_the_bad_checkpoint_and_evaluates_the_others(run, corruption
     assert f"evaluated 1 checkpoint(s): {good}" in outcome.stdout
     assert (run / "evaluations" / good / "metrics.json").is_file()
     bad_folder = run / "evaluations" / bad
-    assert not (bad_folder / cev.CLAIM_FILE).exists()  # nothing left that blocks another watcher
+    assert not (bad_folder / run_folder.CLAIM).exists()  # nothing left that blocks another watcher
     assert not (bad_folder / "metrics.json").exists()
     if corruption in META_SHAPE:
         assert not bad_folder.exists()  # never listed as a checkpoint, so never claimed
     else:
         assert f"skipped 1 unloadable: {bad}" in outcome.stdout
-        assert bad in (bad_folder / cev.UNLOADABLE_FILE).read_text()
+        assert bad in (bad_folder / run_folder.UNLOADABLE).read_text()
     # A later pass retries neither: the good one is done, the bad one marked (or not a checkpoint).
-    again = cev.watch(str(run), cev.EvaluationRequest(num_images=2, device="cpu"))
+    again = watcher.watch(str(run), cev.EvaluationRequest(num_images=2, device="cpu"))
     assert again.evaluated == [] and again.unloadable == []
 
 
@@ -189,8 +190,8 @@ def _trainer(run: Path) -> Trainer:
     return Trainer(Config.from_dict(json.loads((run / "config.json").read_text())), device="cpu")
 
 
-def _run_paths(run: Path) -> storage.RunPaths:
-    return storage.RunPaths(str(run.parent), run.name)
+def _run_paths(run: Path) -> run_folder.RunPaths:
+    return run_folder.RunPaths(str(run.parent), run.name)
 
 
 def truncated_trainer_state(folder: Path) -> None:

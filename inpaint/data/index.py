@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from inpaint.data.storage import DataError, MissingData, join_url, read_bytes
+from inpaint.data.errors import DataError, MissingData, as_data_errors
+from inpaint.storage import join, read_bytes
 
 INDEX_NAME = "index.json"
 FORMAT = "inpaint-webdataset"
@@ -63,7 +64,7 @@ class DatasetIndex:
         return self.split(split).keys()
 
     def shard_url(self, shard: ShardInfo) -> str:
-        return join_url(self.url, shard.name)
+        return join(self.url, shard.name)
 
     def to_json(self) -> str:
         splits = {
@@ -78,7 +79,7 @@ class DatasetIndex:
 
     @classmethod
     def from_json(cls, url: str, text: str | bytes) -> "DatasetIndex":
-        where = join_url(url, INDEX_NAME)
+        where = join(url, INDEX_NAME)
         try:
             document = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -115,7 +116,8 @@ def load_index(url: str, storage_options: dict | None = None) -> DatasetIndex:
     if not url:
         raise DataError("no dataset URL given (data.url is empty); pack one with jobs/make_shards.py")
     try:
-        text = read_bytes(join_url(url, INDEX_NAME), storage_options)
+        with as_data_errors():
+            text = read_bytes(join(url, INDEX_NAME), storage_options)
     except MissingData:
         raise DataError(f"{url}: no {INDEX_NAME} (not a dataset packed by jobs/make_shards.py?)") from None
     return DatasetIndex.from_json(url, text)

@@ -48,7 +48,8 @@ from inpaint.config import DataConfig, MaskConfig, ModelConfig
 from inpaint.data.index import DatasetIndex, ShardInfo, SplitInfo, load_index
 from inpaint.data.plan import Structure, WorkerShare, epoch_order, rank_shares, remaining_after
 from inpaint.data.shards import parse_shard
-from inpaint.data.storage import DataError, read_into
+from inpaint.data.errors import DataError
+from inpaint.storage import StorageError, read_into
 from inpaint.masks import Draws, MaskSampler
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ class _Shard:
         self.info = info
         try:
             buffer, size = read_into(url, buffer, storage_options)
-        except DataError as exc:
+        except StorageError as exc:
             log.warning("shard %s unreadable (%s); its samples are skipped", info.name, exc)
             size = 0
         parsed = parse_shard(buffer, size)

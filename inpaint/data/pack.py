@@ -5,7 +5,7 @@ unreadable ones by name; they are skipped, never fatal. The second shuffles each
 seed (so every shard is a random sample of its split), cuts it into shards of equal size (give
 or take one) and stores the original bytes, unchanged, with a small JSON per sample.
 
-A shard appears under its final name only once complete (see :class:`~inpaint.data.storage.Output`)
+A shard appears under its final name only once complete (see :class:`~inpaint.storage.Output`)
 and ``index.json`` is written last. Re-running into the same output refuses when ``index.json``
 exists; otherwise it resumes: each shard already there is kept if it holds exactly the planned
 samples (same source, seed and shard size), else rewritten.
@@ -32,7 +32,8 @@ from inpaint import __version__
 from inpaint.data.index import INDEX_NAME, DatasetIndex, ShardInfo, SplitInfo
 from inpaint.data.shards import parse_shard, write_shard
 from inpaint.data.sources import SourceImage, open_source
-from inpaint.data.storage import DataError, Output
+from inpaint.data.errors import DataError, as_data_errors
+from inpaint.storage import Output
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ def _write(output: Output, name: str, shard: list[CheckedImage]) -> ShardInfo:
     return ShardInfo(name, len(shard), size, digest.hexdigest(), tuple(c.image.key for c in shard))
 
 
+@as_data_errors()  # storage failures (unwritable output, unreachable store) are the packer's DataErrors
 def pack_dataset(kind: str, source: str | Path | None, output_url: str, shard_size: int | None = None,
                  split: str | None = None, seed: int = 0, storage_options: dict | None = None,
                  progress: bool = True, test_fraction: float | None = None) -> PackSummary:

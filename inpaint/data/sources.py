@@ -38,7 +38,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from inpaint.data.storage import DataError
+from inpaint.data.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SPLIT_METHODS = {"celeba": ("official", "paper"), "lfw": ("official", "person"),

@@ -10,7 +10,7 @@ from torch import nn
 
 from inpaint.config import ModelConfig
 from inpaint.models.blocks import SEResBlock, SqueezeExcite, make_block
-from inpaint.models.discriminator import ContextDiscriminator, GlobalDiscriminator, LocalDiscriminator
+from inpaint.models.discriminator import ContextDiscriminator, GlobalDiscriminator, LocalDiscriminator, crop_local
 from inpaint.models.generator import Generator, composite
 
 # Named model sizes, as ModelConfig fields (apply with dataclasses.replace or --set model.<field>=...).
@@ -57,6 +57,7 @@ __all__ = [
     "build_discriminator",
     "build_generator",
     "composite",
+    "crop_local",
     "count_parameters",
     "make_block",
 ]

@@ -1,0 +1,165 @@
+"""The layout of a run folder, and finding its checkpoints: the one owner of what lives where.
+
+    RUN/config.json                   the resolved config the run was started with
+    RUN/checkpoint_000001000/         one checkpoint per report (:mod:`inpaint.checkpoint`'s format)
+    RUN/tensorboard/                  training events (rank 0); eval/ and eval-baseline-<name>/ hold
+                                      the evaluations' scalars
+    RUN/samples/step_00001000.png     image grids written while training
+    RUN/evaluations/<checkpoint>/     one evaluation: metrics.json (written last), report.md, grid.png,
+                                      per_image.csv, and a watcher's CLAIM / UNLOADABLE markers
+    RUN/evaluations/baseline-<name>/  a classical baseline under the same protocol
+    RUN/skipped_samples.json          training samples lost to damaged data (each replaced)
+
+Change a name here and every writer and reader follows: the training loop, the TensorBoard
+writer, evaluation, the watcher, ``fill`` and ``--resume`` checks. Works at any storage URL.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+from inpaint import storage
+from inpaint.checkpoint import CheckpointError, META_FILE, UnloadableCheckpoint, check_meta_shape
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CHECKPOINT_PREFIX = "checkpoint_"
+CONFIG = "config.json"
+TENSORBOARD = "tensorboard"
+SAMPLES = "samples"
+EVALUATIONS = "evaluations"
+SKIPPED_SAMPLES = "skipped_samples.json"
+EVAL_EVENTS = "eval"  # RUN/tensorboard/eval: a checkpoint's evaluation scalars
+CLAIM = "CLAIM"  # RUN/evaluations/<checkpoint>/CLAIM: a watcher is evaluating it
+UNLOADABLE = "UNLOADABLE"  # beside CLAIM: it verifies but cannot be loaded; never retried
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint taken after ``step``: sorts by step as text too."""
+    return f"{CHECKPOINT_PREFIX}{step:09d}"
+
+
+def baseline_name(method: str) -> str:
+    return f"baseline-{method}"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one run's artefacts live under a storage URL (local or ``s3://``)."""
+
+    storage: str
+    name: str
+
+    @classmethod
+    def of(cls, run_url: str) -> "RunPaths":
+        """The paths of the run folder at ``run_url``."""
+        return cls(storage.parent(run_url), storage.name(run_url))
+
+    @property
+    def run(self) -> str:
+        return storage.join(self.storage, self.name)
+
+    @property
+    def config(self) -> str:
+        return storage.join(self.run, CONFIG)
+
+    @property
+    def tensorboard(self) -> str:
+        return storage.join(self.run, TENSORBOARD)
+
+    def events(self, folder: str) -> str:
+        """A TensorBoard run beside training's, e.g. ``eval`` or ``eval-baseline-telea``."""
+        return storage.join(self.tensorboard, folder)
+
+    @property
+    def samples(self) -> str:
+        return storage.join(self.run, SAMPLES)
+
+    def sample(self, step: int) -> str:
+        return storage.join(self.samples, f"step_{step:08d}.png")
+
+    @property
+    def evaluations(self) -> str:
+        return storage.join(self.run, EVALUATIONS)
+
+    def evaluation(self, name: str) -> str:
+        """RUN/evaluations/<name>: a checkpoint's name, or :func:`baseline_name`."""
+        return storage.join(self.evaluations, name)
+
+    def checkpoint(self, step: int) -> str:
+        return storage.join(self.run, checkpoint_name(step))
+
+    @property
+    def skipped_samples(self) -> str:
+        return storage.join(self.run, SKIPPED_SAMPLES)
+
+
+def is_run_folder(url: str) -> bool:
+    """Whether ``url`` is a run folder (has a config.json or a tensorboard/ folder)."""
+    paths = RunPaths.of(url)
+    return storage.exists(paths.config) or storage.isdir(paths.tensorboard)
+
+
+def run_of_checkpoint(checkpoint_url: str) -> RunPaths:
+    """The run folder a checkpoint folder sits in."""
+    return RunPaths.of(storage.parent(checkpoint_url))
+
+
+def checkpoint_urls(run_url: str) -> list[tuple[str, dict[str, Any]]]:
+    """(URL, meta) of each checkpoint with a meta.json directly under a run folder, oldest step first."""
+    found = []
+    for folder in storage.list_subdirs(run_url):
+        name = storage.name(folder)
+        document = storage.read_json(storage.join(folder, META_FILE))
+        if document is None:
+            continue  # not a checkpoint (tensorboard/, evaluations/) or one still being written
+        try:
+            meta = check_meta_shape(document, name)
+        except UnloadableCheckpoint as exc:
+            log.warning("skipping %s: %s", name, exc)
+            continue
+        found.append((meta.get("step", -1), name, storage.join(run_url, name), meta))
+    return [(url, meta) for _, _, url, meta in sorted(found, key=lambda item: item[:2])]
+
+
+def locate_checkpoints(url: str) -> list[str]:
+    """``[url]`` when it is a checkpoint, else the run folder's checkpoints, newest first.
+
+    Callers that load try them in order and skip (with a one-line warning) those that raise
+    CheckpointError, so one corrupt newest checkpoint does not block a run folder.
+    """
+    if storage.isfile(storage.join(url, META_FILE)):
+        return [url]
+    if not storage.isdir(url):
+        raise CheckpointError(f"{url}: no such checkpoint or run folder")
+    found = checkpoint_urls(url)
+    if not found:
+        raise CheckpointError(f"{url}: not a checkpoint, and holds no complete {CHECKPOINT_PREFIX}* folder")
+    return [candidate for candidate, _ in reversed(found)]
+
+
+def locate_checkpoint(url: str) -> str:
+    """``url`` itself when it is a checkpoint, else the latest checkpoint of the run folder it names."""
+    return locate_checkpoints(url)[0]
+
+
+def first_loadable(url: str, load: Callable[[str], T]) -> tuple[str, T]:
+    """(checkpoint URL, ``load(URL)``) of the newest checkpoint that ``url`` names that loads.
+
+    A checkpoint URL is loaded as is (its error propagates). For a run folder each checkpoint,
+    newest first, is tried; one raising CheckpointError is skipped with a one-line warning.
+    """
+    candidates = locate_checkpoints(url)
+    if len(candidates) == 1 and candidates[0] == url:
+        return url, load(url)
+    errors = []
+    for candidate in candidates:
+        try:
+            return candidate, load(candidate)
+        except CheckpointError as exc:
+            log.warning("skipping %s: %s", storage.name(candidate), exc)
+            errors.append(str(exc))
+    raise CheckpointError(f"{url}: none of its {len(candidates)} checkpoint(s) loads (newest: {errors[0]})")
