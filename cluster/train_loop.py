@@ -19,6 +19,7 @@ import ray.train.torch
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from cluster.sample_keys import SampleKeyLog, attempt_id
 from cluster.tensorboard import RunWriter
 from inpaint import storage
 from inpaint.checkpoint import CheckpointError
@@ -157,6 +158,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
 
+    # Where each rank runs: after a node loss or a resize, the log shows the new group's placement.
+    log.info("rank %d of %d on node %s", rank, world_size, ray.get_runtime_context().get_node_id())
     trainer = Trainer(config, device=device, world_size=world_size, rank=rank)
     restore_latest(trainer, run, ray.train.get_checkpoint(), rank=rank, world_size=world_size)
     trainer.wrap_models(_ddp_wrapper(device, world_size))
@@ -173,6 +176,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loader.load_state_dict(trainer.data_state)
 
     writer = RunWriter(run) if rank == 0 else None
+    keys = (SampleKeyLog(run.run, _broadcast(attempt_id(), world_size), rank, world_size)
+            if config.log.sample_keys else None)  # debug/test hook, see cluster/sample_keys.py
     every = config.checkpoint.every_steps
     batch_size = config.data.batch_size
     window_start = time.perf_counter()
@@ -194,6 +199,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step_time += t2 - t1
             window_images += batch_size
             step = trainer.step
+            if keys is not None:
+                keys.add(step, trainer.samples_seen, phase.value, batch)
 
             if writer is not None and step % config.log.every_steps == 0:
                 elapsed = time.perf_counter() - window_start
@@ -223,6 +230,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
             boundary = trainer.schedule.crosses_boundary(before, (trainer.step, trainer.samples_seen))
             if step % every == 0 or boundary or trainer.done:
+                if keys is not None:
+                    keys.flush(step)
                 _report(trainer, loader, losses, rank, writer)
     finally:
         if writer is not None:

@@ -286,6 +286,9 @@ class LogConfig:
     every_steps: int = 50
     image_every_steps: int = 1000
     image_count: int = 8
+    # Debug/test hook: every rank writes the keys of the samples it trained on, per step, under
+    # RUN/sample_keys/ (see cluster/sample_keys.py); the multi-node tests check them after resizes.
+    sample_keys: bool = False
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 1, "log.every_steps", f"must be >= 1, got {self.every_steps}")
