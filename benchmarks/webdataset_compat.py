@@ -13,7 +13,7 @@ machine lands on all of them), it times:
 - reading decoded images (uint8 (3, S, S) centre crops): ``iter_split`` (what evaluation uses:
   torchvision's JPEG decoder, the next shard read in a background thread) against the WebDataset
   pipeline with its own decoder (``.decode("torchrgb8")``, PIL) and with ours
-  (``inpaint.data.loader.decode`` in ``.map_dict``);
+  (``inpaint.data.reading.decode`` in ``.map_dict``);
 - writing the same samples (bytes and metadata in memory) as shards of --shard-size: our
   ``write_shard`` against ``webdataset.TarWriter`` (one per shard) and ``webdataset.ShardWriter``.
 
@@ -48,7 +48,7 @@ import webdataset as wds  # noqa: E402
 
 from benchmarks.loader import CELEBA_SIZE, make_jpegs  # noqa: E402
 from inpaint.data import iter_split, load_index, pack_dataset  # noqa: E402
-from inpaint.data.loader import center_crop, cover, decode  # noqa: E402
+from inpaint.data.reading import center_crop, cover, decode  # noqa: E402
 from inpaint.data.shards import parse_shard, write_shard  # noqa: E402
 from inpaint.hardware import describe_cpu_line  # noqa: E402
 

@@ -351,7 +351,7 @@ def test_sample_draws_depend_on_seed_epoch_and_sample_only():
 
 
 def test_the_decode_operator_matches_torchvision_decode_jpeg(dataset):
-    from inpaint.data.loader import decode
+    from inpaint.data.reading import decode
 
     path = next(Path(dataset).glob("train-*.tar"))
     data = path.read_bytes()

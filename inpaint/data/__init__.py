@@ -10,7 +10,8 @@ Never imports ray: distribution is by the explicit ``rank`` / ``world_size`` arg
 """
 
 from inpaint.data.index import DatasetIndex, ShardInfo, SplitInfo, load_index, split_keys
-from inpaint.data.loader import TrainLoader, iter_split, make_train_loader
+from inpaint.data.loader import TrainLoader, make_train_loader
+from inpaint.data.reading import iter_split
 from inpaint.data.pack import PackSummary, pack_dataset
 from inpaint.data.errors import DataError
 from inpaint.storage import parse_storage_options  # re-exported: the jobs parse --storage-option with the data

@@ -1,11 +1,9 @@
-"""Streaming shards to training and evaluation: decode, random crop, per-sample masks.
+"""Training batches from packed shards: random crops, per-sample masks, resumable positions.
 
-Each process (training rank or DataLoader worker) builds its own fsspec filesystem and reads
-whole shards (one GET each, with retries; the next shard downloads in a background thread while
-this one decodes) into two buffers it reuses. Samples are found by the offsets in their tar
-headers, decoded from the original bytes by torchvision's JPEG decoder (``decode_image`` for
-other formats, PIL as the last resort), covered up to the image size if smaller, and cropped
-straight into the batch. Batches leave a worker as uint8 images; the trainer converts them on
+Each process (training rank or DataLoader worker) reads its shards with
+:class:`~inpaint.data.reading.SplitReader` (bytes -> images: one GET a shard, decoded from the
+original bytes); each image is covered up to the image size if smaller and cropped straight into
+the batch. Batches leave a worker as uint8 images; the trainer converts them on
 its device. A DataLoader worker fills a few shared-memory batch buffers in turn (``_SlotRing``)
 and sends each buffer once; the training process copies each batch out as it arrives (into
 pinned memory on GPU machines), so no batch pays fresh shared memory or a file-descriptor hand-over. Where the time goes, and what each choice saved: ``benchmarks/loader.py``.
@@ -28,90 +26,26 @@ duplicate, and the choice is deterministic, so a resumed run makes the same batc
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
-import warnings
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-from torchvision.transforms.v2.functional import resize
 
 from inpaint.config import DataConfig, MaskConfig, ModelConfig
-from inpaint.data.index import DatasetIndex, ShardInfo, SplitInfo, load_index
-from inpaint.data.plan import Structure, WorkerShare, epoch_order, rank_shares, remaining_after
-from inpaint.data.shards import parse_shard
 from inpaint.data.errors import DataError
-from inpaint.storage import StorageError, read_into
+from inpaint.data.index import DatasetIndex, load_index
+from inpaint.data.plan import Structure, WorkerShare, epoch_order, rank_shares, remaining_after
+from inpaint.data.reading import SplitReader
 from inpaint.masks import Draws, MaskSampler
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-
-# torchvision 0.29 deprecates its decoders in favour of TorchCodec, but decode_jpeg is still the
-# fastest path here (~6,000 CelebA-sized JPEGs/s/core vs PIL's ~2,700); keep logs free of the notice.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
-
-JPEG_MAGIC = b"\xff\xd8"
-
-
-def _jpeg_decoder():
-    """torchvision's decode_jpeg operator itself: its Python wrapper's deprecation check, usage
-    logging and argument handling cost ~30 us a call, a tenth of decoding a CelebA image."""
-    try:
-        operator = torch.ops.image.decode_jpeg
-    except (AttributeError, RuntimeError):  # a torchvision built without its image extension
-        return lambda data: decode_jpeg(data, mode=ImageReadMode.RGB)
-    rgb = ImageReadMode.RGB.value
-    return lambda data: operator(data, rgb, False)
-
-
-_decode_jpeg_rgb = _jpeg_decoder()
-
-
-def decode(data: torch.Tensor, jpeg: bool | None = None) -> torch.Tensor:
-    """RGB uint8 (3, H, W) from encoded bytes (a uint8 tensor); raises ValueError if damaged.
-
-    ``jpeg``: whether the bytes start with JPEG's marker, if the caller knows (None: look).
-    """
-    try:
-        if jpeg if jpeg is not None else data[:2].numpy().tobytes() == JPEG_MAGIC:
-            return _decode_jpeg_rgb(data)  # the usual case: decode_image would sniff the format again
-        image = decode_image(data, mode=ImageReadMode.RGB)
-        return image[0] if image.dim() == 4 else image  # an animated GIF: its first frame
-    except RuntimeError:
-        pass  # formats torchvision lacks (BMP, TIFF, CMYK JPEG...) go to PIL
-    try:
-        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
-            array = np.asarray(image.convert("RGB"))
-    except Exception as exc:  # PIL raises many types for damaged data
-        raise ValueError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
-def cover(image: torch.Tensor, size: int) -> torch.Tensor:
-    """The image, scaled up (aspect kept) only if its shorter side is below ``size``."""
-    height, width = image.shape[-2:]
-    if min(height, width) >= size:
-        return image
-    scale = size / min(height, width)
-    return resize(image, [max(size, round(height * scale)), max(size, round(width * scale))], antialias=True)
-
-
-def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
-    height, width = image.shape[-2:]
-    top, left = (height - size) // 2, (width - size) // 2
-    return image[:, top:top + size, left:left + size]
-
 
 _MASK_UNIFORMS = 8  # enough for every hole shape but strokes, which draw from a generator
 _WORDS = 2 + _MASK_UNIFORMS
@@ -156,97 +90,6 @@ class SampleDraws:
     def mask_draws(self) -> Draws:
         """The mask sampler's draws (a fresh stream each call)."""
         return Draws(self.mask_uniforms, self.mask_seed)
-
-
-class _Shard:
-    """A shard's bytes in memory (in a buffer the reader reuses) and its samples by key."""
-
-    def __init__(self, info: ShardInfo, url: str, storage_options: dict | None, buffer: bytearray) -> None:
-        """Read the shard at ``url`` into ``buffer``, or into a new one if it does not fit."""
-        self.info = info
-        try:
-            buffer, size = read_into(url, buffer, storage_options)
-        except StorageError as exc:
-            log.warning("shard %s unreadable (%s); its samples are skipped", info.name, exc)
-            size = 0
-        parsed = parse_shard(buffer, size)
-        if size and parsed.error:
-            log.warning("shard %s: %s; %d of %d samples readable, the rest are skipped", info.name,
-                        parsed.error, len(parsed.samples), info.samples)
-        self.buffer = buffer
-        self.data = (torch.frombuffer(buffer, dtype=torch.uint8, count=size) if size
-                     else torch.zeros(0, dtype=torch.uint8))
-        # key -> (start, stop, is JPEG): worked out here, in the background thread that reads.
-        self.samples = {sample.key: (sample.offset, sample.offset + sample.size,
-                                     buffer[sample.offset:sample.offset + 2] == JPEG_MAGIC)
-                        for sample in parsed.samples}
-
-    def image(self, key: str, size: int) -> torch.Tensor | None:
-        """The decoded image of ``key``, covered to ``size``; None (logged) when lost or damaged."""
-        sample = self.samples.get(key)
-        if sample is None:
-            if self.data.numel():
-                log.warning("skipped sample %s: missing from shard %s", key, self.info.name)
-            return None
-        start, stop, jpeg = sample
-        try:
-            image = decode(self.data[start:stop], jpeg)
-        except ValueError as exc:
-            log.warning("skipped sample %s in shard %s: cannot decode (%s)", key, self.info.name, exc)
-            return None
-        return image if min(image.shape[1:]) >= size else cover(image, size)
-
-
-# Shard buffers between passes of a process's readers (list.pop/extend are atomic under the GIL).
-_SPARE_BUFFERS: list[bytearray] = []
-_SPARE_LIMIT = 2
-
-
-class _SplitReader:
-    """Reads one split's samples by position in index order; each process builds its own."""
-
-    def __init__(self, index: DatasetIndex, split: SplitInfo, storage_options: dict | None) -> None:
-        self.index = index
-        self.split = split
-        self.storage_options = storage_options
-        self.keys = split.keys()
-        self.shard_of = np.repeat(np.arange(len(split.shards)), [s.samples for s in split.shards])
-
-    def fetch(self, shard: int, buffer: bytearray) -> _Shard:
-        info = self.split.shards[shard]
-        return _Shard(info, self.index.shard_url(info), self.storage_options, buffer)
-
-    def images(self, ids: np.ndarray, size: int) -> Iterator[tuple[str, torch.Tensor | None]]:
-        """(key, image covered to ``size``, or None if lost) for each id in order; the next shard
-        downloads in the background meanwhile.
-
-        Two shard buffers take turns: the next shard is read into the one the shard before this
-        was in. Nothing yielded points into them (decoding copies). They come from, and go back
-        to, a spare pair kept for this process's next pass (the next epoch, in-process).
-        """
-        if not len(ids):
-            return
-        shards = self.shard_of[ids]
-        starts = [0, *np.flatnonzero(shards[1:] != shards[:-1]) + 1]
-        buffers = [_SPARE_BUFFERS.pop() if _SPARE_BUFFERS else bytearray() for _ in range(2)]
-        try:
-            yield from self._read_runs(ids, shards, starts, buffers, size)
-        finally:
-            _SPARE_BUFFERS.extend(buffers[:_SPARE_LIMIT - len(_SPARE_BUFFERS)])
-
-    def _read_runs(self, ids: np.ndarray, shards: np.ndarray, starts: list[int], buffers: list[bytearray],
-                   size: int) -> Iterator[tuple[str, torch.Tensor | None]]:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self.fetch, int(shards[0]), buffers[0])
-            for run, start in enumerate(starts):
-                shard = pending.result()
-                buffers[run % 2] = shard.buffer  # a larger one, if the shard did not fit
-                stop = starts[run + 1] if run + 1 < len(starts) else len(ids)
-                pending = (pool.submit(self.fetch, int(shards[stop]), buffers[(run + 1) % 2]) if stop < len(ids)
-                           else None)
-                for sample in ids[start:stop].tolist():
-                    key = self.keys[sample]
-                    yield key, shard.image(key, size)
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -342,7 +185,7 @@ _DRAWS_CHUNK = 1024  # samples whose draws are made at once
 class _EpochShare(IterableDataset):
     """One rank's batches for (the rest of) one epoch; each DataLoader worker makes its own share."""
 
-    def __init__(self, reader: _SplitReader, shares: list[WorkerShare], rotation: int, epoch: int, seed: int,
+    def __init__(self, reader: SplitReader, shares: list[WorkerShare], rotation: int, epoch: int, seed: int,
                  batch_size: int, image_size: int, sampler: Any) -> None:
         self.reader = reader
         self.shares = shares
@@ -459,7 +302,7 @@ class TrainLoader:
         if self._consumed >= self.structure.batches(len(remaining)):
             return iter(())
         shares = rank_shares(remaining, self.structure, self.rank, self._consumed)
-        dataset = _EpochShare(_SplitReader(self.index, self.split, self.storage_options), shares,
+        dataset = _EpochShare(SplitReader(self.index, self.split, self.storage_options), shares,
                               self._consumed % self.structure.workers, self.epoch, self.data_cfg.seed,
                               self.structure.batch_size, self.image_size, self.sampler)
         workers = self.data_cfg.num_workers
@@ -550,30 +393,3 @@ def make_train_loader(data_cfg: DataConfig, model_cfg: ModelConfig, mask_cfg: Ma
     sampler = MaskSampler(mask_cfg, model_cfg.image_size, model_cfg.local_size)
     return TrainLoader(load_index(data_cfg.url, storage_options), data_cfg, model_cfg.image_size, sampler,
                        rank, world_size, storage_options, pin_memory)
-
-
-def iter_split(url: str, split: str, image_size: int, storage_options: dict | None = None,
-               limit: int | None = None, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, uint8 (3, S, S) centre crop) of a split in index order, for evaluation.
-
-    ``keys`` restricts it to those samples (still in index order; only their shards are read),
-    e.g. a subset drawn with a fixed seed from :func:`~inpaint.data.index.split_keys`. Damaged
-    samples are logged and left out.
-    """
-    index = load_index(url, storage_options)
-    info = index.split(split)
-    reader = _SplitReader(index, info, storage_options)
-    ids = np.arange(len(reader.keys))
-    if keys is not None:
-        wanted = set(keys)
-        unknown = wanted.difference(reader.keys)
-        if unknown:
-            raise DataError(f"{url}: {len(unknown)} requested keys are not in split {split!r}, e.g. {min(unknown)!r}")
-        ids = np.array([i for i, key in enumerate(reader.keys) if key in wanted], dtype=np.int64)
-    yielded = 0
-    for key, image in reader.images(ids, image_size):
-        if limit is not None and yielded >= limit:
-            return
-        if image is not None:
-            yield key, center_crop(image, image_size).contiguous()
-            yielded += 1
