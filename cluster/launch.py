@@ -54,6 +54,7 @@ class TrainRequest:
     storage_options: dict = field(default_factory=dict)
     cpus_per_worker: float = 1.0
     resource_timeout_s: float = 0.0
+    resize_interval_s: float = 60.0  # elastic runs: how often Ray Train looks for room to grow the group
     evaluate: bool = True  # after training: the final checkpoint beside classical methods on held-out images
 
     @property
@@ -90,6 +91,7 @@ class TrainRequest:
                    workers=parse_workers(str(args.workers)), gpu=args.gpu, max_failures=args.max_failures,
                    storage_options=_storage_options(args.storage_option),
                    cpus_per_worker=args.cpus_per_worker, resource_timeout_s=timeout,
+                   resize_interval_s=getattr(args, "resize_interval", 60.0),
                    evaluate=not getattr(args, "no_evaluate", False))
 
 
@@ -306,7 +308,8 @@ def build_trainer(request: TrainRequest):
                            "threads_per_worker": max(1, int(request.cpus_per_worker))},
         torch_config=TorchConfig(backend="nccl" if request.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=request.workers, use_gpu=request.gpu,
-                                     resources_per_worker={"CPU": request.cpus_per_worker}),
+                                     resources_per_worker={"CPU": request.cpus_per_worker},
+                                     elastic_resize_monitor_interval_s=request.resize_interval_s),
         run_config=RunConfig(
             name=request.name,  # fixed: the same name resumes from the run's latest checkpoint
             storage_path=storage_path,

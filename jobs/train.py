@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resource-timeout", type=non_negative_float, default=None, metavar="SECONDS",
                         help="how long to wait for the cluster to fit the workers (default: 0 locally, "
                              "600 on a cluster, so an autoscaler can add nodes)")
+    parser.add_argument("--resize-interval", type=non_negative_float, default=60.0, metavar="SECONDS",
+                        help="elastic runs (--workers MIN-MAX): how often Ray Train checks for room to grow "
+                             "the group; each resize restarts it from the latest checkpoint (default: 60)")
     parser.add_argument("--no-evaluate", action="store_true",
                         help="skip the final evaluation beside classical methods")
     return parser
