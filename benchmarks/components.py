@@ -30,7 +30,7 @@ def loader_in_workers(options: Options) -> dict[str, Any]:
     """The training loader with ``loader_workers`` processes against in-process, per worker core."""
     if not options.loader_workers:
         return {"skipped": "--loader-workers 0"}
-    from benchmarks.loader import make_jpegs, worker_ratios
+    from benchmarks.loader_throughput import make_jpegs, worker_ratios
     from inpaint.config import MaskConfig
     from inpaint.masks import MaskSampler
 

@@ -8,7 +8,7 @@ we compare with GLCIC-PyTorch. Entry point: ``jobs/benchmark.py``. Modules, one 
 ``ddp_scaling``, ``projection``, ``report`` (the tables); this one runs them.
 
 Method
-- A step is ``Trainer.train_step`` on a real batch: CelebA-sized JPEGs (``benchmarks.loader``)
+- A step is ``Trainer.train_step`` on a real batch: CelebA-sized JPEGs (``benchmarks.loader_throughput``)
   packed into shards and read by the training loader in this process, so "data" is the loader's
   full cost (read, decode, crop, mask) on the critical path; DataLoader workers would hide it.
 - Each phase is timed alone (a trainer whose schedule holds only that phase). Workloads that are

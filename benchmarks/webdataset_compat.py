@@ -3,7 +3,7 @@
     python benchmarks/webdataset_compat.py                   # 2,000 CelebA-sized JPEGs, shards of 250
     python benchmarks/webdataset_compat.py --images 4000 --repeats 9
 
-Makes 178x218 JPEGs (CelebA's size, ``benchmarks.loader.make_jpegs``), packs them with
+Makes 178x218 JPEGs (CelebA's size, ``benchmarks.loader_throughput.make_jpegs``), packs them with
 ``pack_dataset`` into local shards, and checks first that every reader yields the train split's
 samples in the index's order. Then, in --repeats interleaved rounds (a slow spell on a shared
 machine lands on all of them), it times:
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 
-from benchmarks.loader import CELEBA_SIZE, make_jpegs  # noqa: E402
+from benchmarks.loader_throughput import CELEBA_SIZE, make_jpegs  # noqa: E402
 from inpaint.data import iter_split, load_index, pack_dataset  # noqa: E402
 from inpaint.data.reading import center_crop, cover, decode  # noqa: E402
 from inpaint.data.shards import parse_shard, write_shard  # noqa: E402

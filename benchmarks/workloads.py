@@ -74,7 +74,7 @@ def make_straightforward(trainer: Trainer) -> None:
 
 def make_dataset(folder: Path, images: int) -> str:
     """CelebA-sized JPEGs packed into local shards; returns the dataset URL."""
-    from benchmarks.loader import make_jpegs  # scikit-image photos cut to CelebA's 178x218
+    from benchmarks.loader_throughput import make_jpegs  # scikit-image photos cut to CelebA's 178x218
 
     source = folder / "jpegs"
     source.mkdir()

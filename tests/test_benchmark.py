@@ -171,7 +171,7 @@ def test_projection_scales_the_measured_step_time_to_the_paper_schedule():
 
 @pytest.mark.slow  # a fresh interpreter importing torch, then a few small passes
 def test_loader_benchmark_prints_every_rate_and_the_ratios():
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader.py"), "--images", "160",
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader_throughput.py"), "--images", "160",
                              "--shard-size", "40", "--repeats", "2"], capture_output=True, text=True, timeout=600,
                             cwd=ROOT)
     assert result.returncode == 0, result.stderr

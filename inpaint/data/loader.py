@@ -6,7 +6,7 @@ original bytes); each image is covered up to the image size if smaller and cropp
 the batch. Batches leave a worker as uint8 images; the trainer converts them on
 its device. A DataLoader worker fills a few shared-memory batch buffers in turn (``_SlotRing``)
 and sends each buffer once; the training process copies each batch out as it arrives (into
-pinned memory on GPU machines), so no batch pays fresh shared memory or a file-descriptor hand-over. Where the time goes, and what each choice saved: ``benchmarks/loader.py``.
+pinned memory on GPU machines), so no batch pays fresh shared memory or a file-descriptor hand-over. Where the time goes, and what each choice saved: ``benchmarks/loader_throughput.py``.
 
 Which samples a rank and worker read is in :mod:`inpaint.data.plan` (its docstring states the
 guarantees: disjoint shares, equal batch counts on every rank, a new reproducible order every

@@ -1,6 +1,6 @@
 """Evaluation throughput: images per second for the paper-size generator and the classical baselines.
 
-    python -m benchmarks.evaluation [--images 32] [--threads 1] [--batch-size 16] [--device cpu]
+    python -m benchmarks.eval_throughput [--images 32] [--threads 1] [--batch-size 16] [--device cpu]
 
 Completes and scores real photographs (the built-in sample dataset, packed to a temporary folder
 and read once, centre-cropped to 160 px) under the evaluation protocol: per hole kind alone, then

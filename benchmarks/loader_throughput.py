@@ -1,7 +1,7 @@
 """Training-loader throughput per core against plain JPEG decoding of the same files.
 
-    python benchmarks/loader.py                    # 2,000 CelebA-sized JPEGs, image_size 160
-    python benchmarks/loader.py --images 4000 --workers 2
+    python benchmarks/loader_throughput.py                    # 2,000 CelebA-sized JPEGs, image_size 160
+    python benchmarks/loader_throughput.py --images 4000 --workers 2
 
 Makes 178x218 JPEGs (CelebA's size) from scikit-image's photographs, packs them into local
 shards, then times, in --repeats interleaved rounds: PIL decoding, torchvision's decode_jpeg
