@@ -25,9 +25,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-import fsspec
+from inpaint import storage
+from inpaint.run_folder import RunPaths
 
-FOLDER = "sample_keys"
 
 
 def attempt_id() -> int:
@@ -52,23 +52,19 @@ class SampleKeyLog:
         if not self.records:
             return
         name = f"attempt-{self.attempt}/rank-{self.rank}-of-{self.world_size}-to-{step:09d}.json"
-        fs, folder = fsspec.core.url_to_fs(f"{self.run_url.rstrip('/')}/{FOLDER}")
-        fs.makedirs(f"{folder}/attempt-{self.attempt}", exist_ok=True)  # a no-op in object storage
-        fs.pipe_file(f"{folder}/{name}", json.dumps(self.records).encode())
+        storage.write_bytes(storage.join(RunPaths.of(self.run_url).sample_keys, name), json.dumps(self.records).encode())
         self.records = []
 
 
 def read_all(run_url: str) -> list[dict[str, Any]]:
     """Every record written for the run, each with its ``attempt``, ``rank`` and ``world_size``."""
-    fs, root = fsspec.core.url_to_fs(f"{run_url.rstrip('/')}/{FOLDER}")
-    fs.invalidate_cache()
     found = []
-    for path in sorted(fs.find(root)):
+    for path in storage.list_files(RunPaths.of(run_url).sample_keys):
         if not path.endswith(".json"):
             continue
         attempt = int(path.rsplit("/", 2)[-2].split("-", 1)[1])
         rank, _, world_size, *_ = path.rsplit("/", 1)[-1].split("-")[1:]
-        for record in json.loads(fs.cat_file(path)):
+        for record in json.loads(storage.read_bytes(path)):
             found.append({**record, "attempt": attempt, "rank": int(rank), "world_size": int(world_size)})
     return found
 

@@ -9,6 +9,7 @@
                                       per_image.csv, and a watcher's CLAIM / UNLOADABLE markers
     RUN/evaluations/baseline-<name>/  a classical baseline under the same protocol
     RUN/skipped_samples.json          training samples lost to damaged data (each replaced)
+    RUN/sample_keys/attempt-<A>/      with log.sample_keys: the samples each rank trained on, per step
 
 Change a name here and every writer and reader follows: the training loop, the TensorBoard
 writer, evaluation, the watcher, ``fill`` and ``--resume`` checks. Works at any storage URL.
@@ -32,6 +33,7 @@ TENSORBOARD = "tensorboard"
 SAMPLES = "samples"
 EVALUATIONS = "evaluations"
 SKIPPED_SAMPLES = "skipped_samples.json"
+SAMPLE_KEYS = "sample_keys"  # the log.sample_keys debug hook's records (cluster/sample_keys.py)
 EVAL_EVENTS = "eval"  # RUN/tensorboard/eval: a checkpoint's evaluation scalars
 CLAIM = "CLAIM"  # RUN/evaluations/<checkpoint>/CLAIM: a watcher is evaluating it
 UNLOADABLE = "UNLOADABLE"  # beside CLAIM: it verifies but cannot be loaded; never retried
@@ -95,6 +97,10 @@ class RunPaths:
     @property
     def skipped_samples(self) -> str:
         return storage.join(self.run, SKIPPED_SAMPLES)
+
+    @property
+    def sample_keys(self) -> str:
+        return storage.join(self.run, SAMPLE_KEYS)
 
 
 def is_run_folder(url: str) -> bool:

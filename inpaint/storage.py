@@ -269,6 +269,20 @@ def list_subdirs(url: str) -> list[str]:
     return _do(url, "list", listing)
 
 
+def list_files(url: str) -> list[str]:
+    """URLs of every file under ``url``, at any depth, sorted (empty when it does not exist)."""
+    fs, path = filesystem(url)
+
+    def listing() -> list[str]:
+        fs.invalidate_cache()  # files other processes wrote since this process last listed
+        if not fs.exists(path):
+            return []
+        base = path.rstrip("/")
+        return sorted(join(url, found[len(base):].lstrip("/")) for found in fs.find(path))
+
+    return _do(url, "list", listing)
+
+
 def get_file(url: str, local: str | Path) -> None:
     fs, path = filesystem(url)
     _do(url, "download", lambda: fs.get_file(path, str(local)))
