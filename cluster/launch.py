@@ -76,6 +76,13 @@ class TrainRequest:
             data = ensure_sample_data(str(REPO_ROOT / default_data))
         data = storage.normalize(data)
         runtime = config.runtime
+        # The workers' device follows --gpu (Ray places one GPU per worker); an explicit --set
+        # runtime.device that says otherwise is a contradiction, not something to override quietly.
+        asked = [item.partition("=")[2].strip() for item in args.overrides
+                 if item.partition("=")[0].strip() == "runtime.device"]
+        if asked and asked[-1] != "auto" and asked[-1].startswith("cuda") != bool(args.gpu):
+            raise UserError(f"--set runtime.device={asked[-1]} contradicts {'--gpu' if args.gpu else 'no --gpu'}: "
+                            "training runs on GPUs exactly when --gpu is given; drop the --set")
         runtime = type(runtime)(**{**runtime.__dict__, "device": "cuda" if args.gpu else "cpu"})
         config = config.replace(data=type(config.data)(**{**config.data.__dict__, "url": data}), runtime=runtime)
         name = args.name or f"{config.recipe}-{Path(data.rstrip('/')).name}"

@@ -92,6 +92,8 @@ TRAIN_CASES = [
     (["--storage", "{w}/afile/runs"], r"afile"),
     (["--name", "r", "--set", "model.gen_width=16"], r"run r exists with a different config .*model.gen_width: 8 -> 16"),
     (["--name", "../escape"], r"name"),
+    (["--set", "runtime.device=cuda"], r"--set runtime.device=cuda contradicts no --gpu"),
+    (["--gpu", "--set", "runtime.device=cpu"], r"--set runtime.device=cpu contradicts --gpu"),
 ]
 
 
