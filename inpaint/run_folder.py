@@ -91,9 +91,6 @@ class RunPaths:
         """RUN/evaluations/<name>: a checkpoint's name, or :func:`baseline_name`."""
         return storage.join(self.evaluations, name)
 
-    def checkpoint(self, step: int) -> str:
-        return storage.join(self.run, checkpoint_name(step))
-
     @property
     def skipped_samples(self) -> str:
         return storage.join(self.run, SKIPPED_SAMPLES)
@@ -145,11 +142,6 @@ def locate_checkpoints(url: str) -> list[str]:
     if not found:
         raise CheckpointError(f"{url}: not a checkpoint, and holds no complete {CHECKPOINT_PREFIX}* folder")
     return [candidate for candidate, _ in reversed(found)]
-
-
-def locate_checkpoint(url: str) -> str:
-    """``url`` itself when it is a checkpoint, else the latest checkpoint of the run folder it names."""
-    return locate_checkpoints(url)[0]
 
 
 def first_loadable(url: str, load: Callable[[str], T]) -> tuple[str, T]:
