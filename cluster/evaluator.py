@@ -114,7 +114,10 @@ def load_subject(checkpoint_url: str) -> Subject:
 
 
 # ------------------------------------------------------------------ data
-def _protocol(subject: Subject, request: EvaluationRequest) -> tuple[ev.Protocol, list[tuple[int, str]]]:
+Planned = tuple[ev.Protocol, list[tuple[int, str]]]  # the protocol and its drawn (index in split, key)
+
+
+def _protocol(subject: Subject, request: EvaluationRequest) -> Planned:
     """The protocol and the drawn (index in split, key) pairs, from the dataset index alone."""
     data = request.data or (subject.config.data.url if subject.config else "")
     if not data:
@@ -216,9 +219,14 @@ def log_to_tensorboard(run_url: str, document: dict[str, Any], folder: str = EVA
 
 
 # ------------------------------------------------------------------ one evaluation
-def evaluate_subject(subject: Subject, request: EvaluationRequest, output: str) -> EvaluationResult:
-    """Run the protocol on a loaded subject and publish its outputs to ``output``."""
-    protocol, drawn = _protocol(subject, request)
+def evaluate_subject(subject: Subject, request: EvaluationRequest, output: str,
+                     planned: Planned | None = None) -> EvaluationResult:
+    """Run the protocol on a loaded subject and publish its outputs to ``output``.
+
+    ``planned``: the protocol and draw already made for this request and image size (one read of
+    the dataset index serves every method of a comparison).
+    """
+    protocol, drawn = planned or _protocol(subject, request)
     storage.check_writable(output)  # before the work, not after it
     untrained = []
     if subject.config is not None and subject.generator is not None:
@@ -309,7 +317,8 @@ def compare_with_baselines(url: str, request: EvaluationRequest,
     """
     checkpoint_url, subject = resolve_subject(url)
     run = run_of_checkpoint(checkpoint_url)
-    protocol, _ = _protocol(subject, request)
+    planned = _protocol(subject, request)
+    protocol = planned[0]
     done, skipped = [], {}
     for name in names:
         output = run.evaluation(baseline_name(name))
@@ -321,9 +330,9 @@ def compare_with_baselines(url: str, request: EvaluationRequest,
                 skipped[name] = str(exc)
                 continue
             result = evaluate_subject(Subject({"baseline": name}, subject.model, subject.config),
-                                      replace(request, output=None), output)
+                                      replace(request, output=None), output, planned)
         if is_run_folder(run.run):
             log_to_tensorboard(run.run, {**result.document, "step": subject.info["step"]}, f"eval-{baseline_name(name)}")
         done.append(result)
     output = run.evaluation(storage.name(checkpoint_url))
-    return Comparison(evaluate_subject(subject, replace(request, output=None), output), done, skipped)
+    return Comparison(evaluate_subject(subject, replace(request, output=None), output, planned), done, skipped)
