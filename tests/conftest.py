@@ -6,9 +6,11 @@ automatically, so ``-m "not s3"`` deselects them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import uuid
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -69,16 +71,25 @@ def s3_server():
             _clear_s3fs_cache()
 
 
-@pytest.fixture
-def s3_bucket(s3_server):
-    """A fresh, empty bucket; yields ``s3://NAME`` and deletes it afterwards."""
+@contextlib.contextmanager
+def fresh_bucket(prefix: str = "test") -> Iterator[str]:
+    """A new, empty bucket on the moto server; yields ``s3://NAME`` and deletes it afterwards."""
     import s3fs
 
-    name = f"test-{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
     fs = s3fs.S3FileSystem()
     fs.mkdir(name)
-    yield f"s3://{name}"
-    fs.rm(name, recursive=True)
+    try:
+        yield f"s3://{name}"
+    finally:
+        fs.rm(name, recursive=True)
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket for one test (see :func:`fresh_bucket`)."""
+    with fresh_bucket() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import fresh_bucket
 from tests.multinode import LocalCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -36,13 +35,8 @@ BATCH = 4  # the debug recipe's per-worker batch
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def bucket(s3_server):
-    import s3fs
-
-    name = f"test-mn-{uuid.uuid4().hex[:8]}"
-    fs = s3fs.S3FileSystem()
-    fs.mkdir(name)
-    yield f"s3://{name}"
-    fs.rm(name, recursive=True)
+    with fresh_bucket("test-mn") as url:  # one bucket for the module's runs
+        yield url
 
 
 @pytest.fixture(scope="module")
