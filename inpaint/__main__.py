@@ -23,7 +23,7 @@ trained at; a window over --max-pixels is refused."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from inpaint.cli import OneLineParser
+    from inpaint.cli import OneLineParser, positive_int
 
     parser = OneLineParser(prog="inpaint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,16 +57,6 @@ def parse_box(text: str) -> tuple[int, int, int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected X,Y,W,H (four integers), got {text!r}") from None
     return x, y, w, h
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def read_image(path: Path, mode: str):
