@@ -17,7 +17,7 @@ from cluster.ray_runtime import ensure_ray
 from cluster.ray_storage import pyarrow_filesystem
 from inpaint import recipes, storage
 from inpaint.config import Config, ConfigError, apply_overrides
-from inpaint.run_folder import RunPaths
+from inpaint.run_folder import RunPaths, checkpoint_urls
 
 log = logging.getLogger("inpaint.launch")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -342,23 +342,17 @@ def run_training(request: TrainRequest) -> TrainSummary:
 
     trainer = build_trainer(request)
     try:
-        result = trainer.fit()
+        trainer.fit()
     except ray.train.WorkerGroupError as exc:
         return TrainSummary(ok=False, run=request.run, step=None, phase=None, checkpoint=None,
                             error=f"training failed after {request.max_failures} restart(s): {exc}")
-    checkpoint = result.checkpoint
-    step = phase = None
-    location = None
-    if checkpoint is not None:
-        location = (f"s3://{checkpoint.path}" if request.storage.startswith("s3://") else checkpoint.path)
-        metrics = result.metrics or {}
-        step, phase = metrics.get("step"), metrics.get("phase")
-        if step is None:
-            from inpaint.checkpoint import read_meta
-
-            with checkpoint.as_directory() as directory:
-                meta = read_meta(directory)
-            step, phase = meta["step"], meta["phase"]
+    # The run folder, not Ray's result, says where the run stands: Ray's record can lag it (a job
+    # killed between upload and registration), and a run found finished reports no new checkpoint.
+    step = phase = location = None
+    found = checkpoint_urls(request.run.run)
+    if found:  # the newest complete checkpoint: the one the next resume starts from
+        location, meta = found[-1]
+        step, phase = meta.get("step"), meta.get("phase")
     summary = TrainSummary(ok=True, run=request.run, step=step, phase=phase, checkpoint=location)
     if request.evaluate and location is not None:
         summary.evaluation, summary.report = evaluate_final(location, request)

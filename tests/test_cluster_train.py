@@ -102,6 +102,7 @@ def test_two_workers_train_all_phases_from_s3_to_s3_and_a_rerun_does_no_work(s3_
     second = run_train(*args)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "already finished its schedule at step 20" in second.stdout + second.stderr
+    assert "run s3run: step 20, phase done" in second.stdout  # from the run folder: no new checkpoint
     assert checkpoint_names(fs, run_root) == names
 
 
