@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
@@ -121,17 +121,11 @@ def phase_config(options: Options, phase: str, bf16: bool = True, steps: int = 1
 
 def make_trainer(config: Config, device: torch.device, compiled: bool, ddp: bool = True) -> Trainer:
     trainer = Trainer(config, device=device)
-
-    def wrap(module: torch.nn.Module) -> torch.nn.Module:
-        module = torch.compile(module) if compiled else module
-        if not ddp:
-            return module
-        return DistributedDataParallel(module, device_ids=[device.index or 0] if device.type == "cuda" else None)
-
-    # compile inside DDP: the trainer's frozen adversarial pass unwraps DDP and still runs compiled.
-    trainer.wrap_models(wrap)
-    if compiled and trainer.vgg is not None:
-        trainer.vgg = torch.compile(trainer.vgg)
+    if compiled:
+        trainer.compile()  # as training does with runtime.compile: inside DDP
+    if ddp:
+        trainer.wrap_models(lambda module: DistributedDataParallel(
+            module, device_ids=[device.index or 0] if device.type == "cuda" else None))
     return trainer
 
 

@@ -56,7 +56,7 @@ class Runner:
             if workload.variant == STRAIGHTFORWARD:
                 make_straightforward(self.trainer)
             if workload.compile:
-                self.trainer.wrap_models(torch.compile)
+                self.trainer.compile()
         # The Trainer flushes denormals to zero (a process-wide CPU setting); the other forms run as written.
         self.flush_denormal = workload.variant == OPTIMIZED
         self.batches: Iterator[dict] | None = None

@@ -27,7 +27,7 @@ from inpaint.config import Config
 from inpaint.data import TrainLoader, make_train_loader
 from inpaint.phases import Phase
 from inpaint.run_folder import RunPaths, checkpoint_name, checkpoint_urls
-from inpaint.trainer import Trainer
+from inpaint.trainer import Stateful, Trainer
 
 log = logging.getLogger("inpaint.train")
 
@@ -51,18 +51,18 @@ RESTORE_ATTEMPTS = 3  # per rank, for the checkpoint rank 0 chose: transient rea
 REGISTERED = "<registered>"  # rank 0's choice when only Ray's own record of the checkpoint loads
 
 
-def _load_url(trainer: Trainer, url: str) -> dict[str, Any]:
+def _load_url(trainer: Trainer, url: str, data: Stateful | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="inpaint-restore-") as scratch:
-        return trainer.load(storage.download_dir(url, scratch))
+        return trainer.load(storage.download_dir(url, scratch), data=data)
 
 
-def _load_registered(trainer: Trainer, registered: ray.train.Checkpoint) -> dict[str, Any]:
+def _load_registered(trainer: Trainer, registered: ray.train.Checkpoint, data: Stateful | None) -> dict[str, Any]:
     with registered.as_directory() as directory:
-        return trainer.load(directory)
+        return trainer.load(directory, data=data)
 
 
-def choose_checkpoint(trainer: Trainer, run: RunPaths,
-                      registered: ray.train.Checkpoint | None) -> tuple[str | None, dict[str, Any] | None]:
+def choose_checkpoint(trainer: Trainer, run: RunPaths, registered: ray.train.Checkpoint | None,
+                      data: Stateful | None = None) -> tuple[str | None, dict[str, Any] | None]:
     """Load the newest checkpoint of the run that loads; return (its URL or REGISTERED or None, its meta).
 
     Ray registers a reported checkpoint a moment after its upload, so a worker killed in that
@@ -81,12 +81,12 @@ def choose_checkpoint(trainer: Trainer, run: RunPaths,
         listed = []
     for url in listed:
         try:
-            return url, _load_url(trainer, url)
+            return url, _load_url(trainer, url, data)
         except (CheckpointError, storage.StorageError, OSError) as exc:
             log.warning("skipping %s: %s", url, " ".join(str(exc).split()))
     if registered is not None and registered_name not in {storage.name(url) for url in listed}:
         try:
-            return REGISTERED, _load_registered(trainer, registered)
+            return REGISTERED, _load_registered(trainer, registered, data)
         except (CheckpointError, OSError) as exc:
             log.warning("skipping Ray's registered checkpoint %s: %s", registered.path, " ".join(str(exc).split()))
     if listed or registered is not None:
@@ -94,26 +94,35 @@ def choose_checkpoint(trainer: Trainer, run: RunPaths,
     return None, None
 
 
-def _broadcast(value: Any, world_size: int) -> Any:
-    if world_size == 1 or not torch.distributed.is_initialized():
+# Collectives over the training group; in a single process (world size 1, or no process group, as
+# in the in-process tests) each is the identity.
+def _grouped() -> bool:
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if not _grouped():
         return value
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def _union_over_ranks(keys: set[str]) -> set[str]:
-    """Every rank's ``keys`` together (a collective: every rank calls it at the same step)."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return set(keys)
-    gathered: list[list[str] | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, sorted(keys))
-    return set().union(*gathered)
+def _gathered(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order."""
+    if not _grouped():
+        return [value]
+    values: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def restore_latest(trainer: Trainer, run: RunPaths, registered: ray.train.Checkpoint | None, *,
-                   rank: int = 0, world_size: int = 1, announce: bool | None = None) -> str | None:
+                   data: Stateful | None = None, rank: int = 0, announce: bool | None = None) -> str | None:
     """Every rank resumes from the checkpoint rank 0 chose (see :func:`choose_checkpoint`); returns it.
+
+    ``data`` (the rank's training loader) gets the data position saved with that checkpoint.
 
     Rank 0 picks and loads; the others load exactly that one (retrying transient read errors) or
     fail, so that Ray restarts the group, rather than resume from another step. Ranks then check
@@ -122,22 +131,20 @@ def restore_latest(trainer: Trainer, run: RunPaths, registered: ray.train.Checkp
     announce = rank == 0 if announce is None else announce
     choice = meta = None
     if rank == 0:
-        choice, meta = choose_checkpoint(trainer, run, registered)
-    choice = _broadcast(choice, world_size)
+        choice, meta = choose_checkpoint(trainer, run, registered, data)
+    choice = _broadcast(choice)
     if rank != 0 and choice is not None:
         for attempt in range(1, RESTORE_ATTEMPTS + 1):
             try:
-                meta = _load_registered(trainer, registered) if choice == REGISTERED else _load_url(trainer, choice)
+                meta = (_load_registered(trainer, registered, data) if choice == REGISTERED
+                        else _load_url(trainer, choice, data))
                 break
             except (CheckpointError, storage.StorageError, OSError) as exc:
                 if attempt == RESTORE_ATTEMPTS:
                     raise RuntimeError(f"rank {rank} cannot load {choice}, which rank 0 resumed from: {exc}") from None
                 log.warning("rank %d: reading %s failed (%s); retrying", rank, choice, exc)
                 time.sleep(attempt)
-    positions = [(trainer.step, trainer.samples_seen)]
-    if world_size > 1 and torch.distributed.is_initialized():
-        positions = [None] * world_size
-        torch.distributed.all_gather_object(positions, (trainer.step, trainer.samples_seen))
+    positions = _gathered((trainer.step, trainer.samples_seen))
     if len(set(positions)) != 1:
         raise RuntimeError(f"ranks resumed at different (step, samples seen): {positions}")
     if announce and meta is not None:
@@ -161,7 +168,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Where each rank runs: after a node loss or a resize, the log shows the new group's placement.
     log.info("rank %d of %d on node %s", rank, world_size, ray.get_runtime_context().get_node_id())
     trainer = Trainer(config, device=device, world_size=world_size, rank=rank)
-    restore_latest(trainer, run, ray.train.get_checkpoint(), rank=rank, world_size=world_size)
+    loader = make_train_loader(config.data, config.model, config.mask, rank=rank, world_size=world_size,
+                               storage_options=loop_config.get("storage_options") or None,
+                               pin_memory=device.type == "cuda")
+    restore_latest(trainer, run, ray.train.get_checkpoint(), data=loader, rank=rank)
+    if config.runtime.compile:
+        trainer.compile()
     trainer.wrap_models(_ddp_wrapper(device, world_size))
 
     if trainer.done:
@@ -169,14 +181,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             log.info("run %s already finished its schedule at step %d; nothing to do", run.name, trainer.step)
         return
 
-    loader = make_train_loader(config.data, config.model, config.mask, rank=rank, world_size=world_size,
-                               storage_options=loop_config.get("storage_options") or None,
-                               pin_memory=device.type == "cuda")
-    if trainer.data_state is not None:
-        loader.load_state_dict(trainer.data_state)
-
     writer = RunWriter(run) if rank == 0 else None
-    keys = (SampleKeyLog(run.run, _broadcast(attempt_id(), world_size), rank, world_size)
+    keys = (SampleKeyLog(run.run, _broadcast(attempt_id()), rank, world_size)
             if config.log.sample_keys else None)  # debug/test hook, see cluster/sample_keys.py
     every = config.checkpoint.every_steps
     batch_size = config.data.batch_size
@@ -246,8 +252,7 @@ def _report(trainer: Trainer, loader: TrainLoader, losses: dict[str, torch.Tenso
     lists them all; rank 0 logs their count to TensorBoard (``data/skipped_samples``) and their
     keys to the run's ``skipped_samples.json``.
     """
-    loader.merge_skipped(_union_over_ranks(loader.skipped_keys))
-    trainer.data_state = loader.state_dict()
+    loader.merge_skipped(set().union(*_gathered(sorted(loader.skipped_keys))))
     metrics = {k: float(v) for k, v in losses.items()}
     metrics.update(step=trainer.step, samples_seen=trainer.samples_seen, phase=trainer.phase.value,
                    skipped_samples=len(loader.skipped_keys))
@@ -257,7 +262,7 @@ def _report(trainer: Trainer, loader: TrainLoader, losses: dict[str, torch.Tenso
     with tempfile.TemporaryDirectory(prefix="inpaint-ckpt-") as directory:
         checkpoint = None
         if rank == 0:
-            trainer.save(directory)
+            trainer.save(directory, data=loader)  # the loader's position rides in the checkpoint
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(trainer.step))
     if rank == 0:

@@ -3,7 +3,9 @@
 It knows nothing of Ray or of storage. A distributed caller wraps the two networks (e.g. in
 DDP) through :meth:`Trainer.wrap_models` and moves the directories that :meth:`Trainer.save`
 writes; everything needed to continue exactly (both models, both optimizers, step, samples
-seen, RNG, data position, config) goes through :meth:`state_dict` / :meth:`load_state_dict`.
+seen, RNG, config) goes through :meth:`state_dict` / :meth:`load_state_dict`. The data position
+belongs to the loader, not the trainer: the caller hands its loader to :meth:`save` and
+:meth:`load`, which keep its ``state_dict`` in the same checkpoint file (torchtitan's way).
 
 Gradient hygiene, since GLCIC-PyTorch gets it wrong: the discriminator learns from the
 *composited* output (known pixels copied from the input), detached from the generator; the
@@ -22,7 +24,7 @@ import copy
 import logging
 import random
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -42,12 +44,30 @@ from inpaint.phases import Phase, PhaseSchedule
 
 log = logging.getLogger(__name__)
 
+class Stateful(Protocol):
+    """What a checkpoint can carry beside the trainer (e.g. the training loader's position)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 # The profiler ranges of a step (see the module docstring); losses, compositing and crops are outside them.
 SECTIONS = ("generator", "discriminator", "vgg16", "contextual_loss", "optimizer")
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
-    return getattr(module, "module", module)
+    """The network inside its wrappers: DDP's ``module``, torch.compile's ``_orig_mod``."""
+    while True:
+        inner = getattr(module, "_orig_mod", None) or getattr(module, "module", None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
+def _without_ddp(module: nn.Module) -> nn.Module:
+    """The network without its DDP wrapper (still compiled where it was)."""
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
 @contextlib.contextmanager
@@ -133,7 +153,6 @@ class Trainer:
         self.d_optimizer = _optimizer(self.discriminator.parameters(), config.optim.d_lr, config, self.device)
         self.step = 0
         self.samples_seen = 0
-        self.data_state: dict[str, Any] | None = None
         torch.manual_seed(config.runtime.seed + 1 + rank)  # per-rank randomness from here on
 
     # ----------------------------------------------------------------- wiring
@@ -141,6 +160,14 @@ class Trainer:
         """Wrap both networks (e.g. in DDP); optimizers keep pointing at the same parameters."""
         self.generator = wrap(self.generator)
         self.discriminator = wrap(self.discriminator)
+
+    def compile(self) -> None:
+        """``torch.compile`` the networks and VGG16 (``runtime.compile``); call before :meth:`wrap_models`,
+        so the frozen adversarial pass, which skips DDP, still runs compiled."""
+        self.generator = torch.compile(self.generator)
+        self.discriminator = torch.compile(self.discriminator)
+        if self.vgg is not None:
+            self.vgg = torch.compile(self.vgg)
 
     @property
     def phase(self) -> Phase:
@@ -220,7 +247,7 @@ class Trainer:
             out["g_cx"] = cx.detach()
         if adversarial:
             # The unwrapped, frozen discriminator: no DDP hooks fire and no gradient reaches it.
-            discriminator = _unwrap(self.discriminator)
+            discriminator = _without_ddp(self.discriminator)
             with frozen(discriminator), self._autocast(), record_function("discriminator"):
                 fake_logits = self._adversarial_logits(discriminator, image, completed, box)
             adv = generator_adversarial_loss(fake_logits)
@@ -291,7 +318,6 @@ class Trainer:
                 "step": self.step,
                 "samples_seen": self.samples_seen,
                 "rng": rng_state(),
-                "data": self.data_state,
                 "world_size": self.world_size,
             },
         }
@@ -304,7 +330,6 @@ class Trainer:
         self.d_optimizer.load_state_dict(trainer["d_optimizer"])
         self.step = int(trainer["step"])
         self.samples_seen = int(trainer["samples_seen"])
-        self.data_state = trainer.get("data")
         # RNG streams are per rank; after a resize only rank-0's is meaningful to copy.
         if restore_rng and trainer.get("world_size", 1) == self.world_size:
             set_rng_state(trainer["rng"])
@@ -313,14 +338,19 @@ class Trainer:
         return {"step": self.step, "samples_seen": self.samples_seen, "phase": self.phase.value,
                 "world_size": self.world_size}
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, *, data: Stateful | None = None) -> Path:
+        """Write a checkpoint directory; ``data`` (the training loader) saves its position in it too."""
         state = self.state_dict()
+        trainer = {**state["trainer"], "data": data.state_dict() if data is not None else None}
         return ckpt.save_checkpoint(directory, config=self.config, generator=state["generator"],
-                                    discriminator=state["discriminator"], trainer=state["trainer"],
-                                    meta=self.meta())
+                                    discriminator=state["discriminator"], trainer=trainer, meta=self.meta())
 
-    def load(self, directory: str | Path) -> dict[str, Any]:
-        """Restore from a checkpoint directory written by :meth:`save`; returns its meta."""
+    def load(self, directory: str | Path, *, data: Stateful | None = None) -> dict[str, Any]:
+        """Restore from a checkpoint directory written by :meth:`save`; returns its meta.
+
+        ``data`` gets the position saved with it (when there is one). Nothing changes, the trainer
+        nor ``data``, when the checkpoint does not fit: the caller may fall back to an older one.
+        """
         contents = ckpt.load_checkpoint(directory)
         if contents.trainer is None or contents.discriminator is None:
             raise ckpt.CheckpointError(f"{directory}: holds weights only; cannot resume training from it")
@@ -336,6 +366,14 @@ class Trainer:
             self.load_state_dict(before)  # as it was: the caller may fall back to an older checkpoint
             reason = " ".join(str(exc).split())[:300] or type(exc).__name__
             raise ckpt.UnloadableCheckpoint(f"{directory}: does not fit this run's networks ({reason})") from None
+        position = contents.trainer.get("data")
+        if data is not None and position is not None:
+            try:
+                data.load_state_dict(position)
+            except Exception as exc:  # a malformed position: the same fallback as a misfit network
+                self.load_state_dict(before)
+                reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+                raise ckpt.UnloadableCheckpoint(f"{directory}: its data position does not load ({reason})") from None
         return contents.meta
 
     # ----------------------------------------------------------------- loop

@@ -37,8 +37,7 @@ def _restore(run: Path, rank: int, world_size: int) -> dict:
     trainer = Trainer(Config.from_dict(json.loads((run / "config.json").read_text())), device="cpu",
                       world_size=world_size, rank=rank)
     try:
-        choice = train_loop.restore_latest(trainer, RunPaths(str(run.parent), run.name), None,
-                                           rank=rank, world_size=world_size)
+        choice = train_loop.restore_latest(trainer, RunPaths(str(run.parent), run.name), None, rank=rank)
     except RuntimeError as exc:
         return {"error": str(exc)}
     return {"choice": choice, "step": trainer.step, "samples_seen": trainer.samples_seen}
@@ -61,19 +60,19 @@ def _rank_main(rank: int, world_size: int, port: int, agree_run: str, disagree_r
             train_loop.checkpoint_urls = no_listing
             failures = []
 
-            def flaky_load(trainer, url):  # one transient read error, then the real read
+            def flaky_load(trainer, url, data):  # one transient read error, then the real read
                 if not failures:
                     failures.append(url)
                     raise OSError("connection reset by peer")
-                return real_load(trainer, url)
+                return real_load(trainer, url, data)
 
             train_loop._load_url = flaky_load
         results["agree"] = _restore(Path(agree_run), rank, world_size)
         if rank == 1:
             results["retried"] = failures
 
-            def wrong_load(trainer, url):  # a rank that somehow loads another step
-                return real_load(trainer, url.replace(OLD, NEW) if OLD in url else url.replace(NEW, OLD))
+            def wrong_load(trainer, url, data):  # a rank that somehow loads another step
+                return real_load(trainer, url.replace(OLD, NEW) if OLD in url else url.replace(NEW, OLD), data)
 
             train_loop._load_url = wrong_load
         results["disagree"] = _restore(Path(disagree_run), rank, world_size)

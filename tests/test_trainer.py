@@ -27,6 +27,21 @@ def synthetic_batch(config, index, batch_size=None):
     return {"image": image, "mask": mask, "box": box}
 
 
+class Position:
+    """A stand-in for the training loader's position: what a checkpoint carries for the data."""
+
+    def __init__(self, state=None, refuse=False):
+        self.state, self.refuse = state, refuse
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        if self.refuse:
+            raise ValueError("not this dataset's position")
+        self.state = dict(state)
+
+
 def params(module):
     return [p.detach().clone() for p in module.parameters()]
 
@@ -115,15 +130,14 @@ def test_save_load_continue_matches_an_uninterrupted_run(tmp_path, settings):
     first = Trainer(config, device="cpu")
     for b in batches[:4]:
         first.train_step(b)
-    first.data_state = {"epoch": 0, "batches": 4}
-    first.save(tmp_path / "ckpt")
+    first.save(tmp_path / "ckpt", data=Position({"epoch": 0, "batches": 4}))
     assert is_complete(tmp_path / "ckpt")
     torch.manual_seed(12345)  # a fresh process would have other RNG state; the checkpoint must restore it
 
-    resumed = Trainer(config, device="cpu")
-    meta = resumed.load(tmp_path / "ckpt")
+    resumed, position = Trainer(config, device="cpu"), Position()
+    meta = resumed.load(tmp_path / "ckpt", data=position)
     assert meta["step"] == 4 and meta["phase"] == "discriminator"
-    assert resumed.data_state == {"epoch": 0, "batches": 4}
+    assert position.state == {"epoch": 0, "batches": 4}  # the loader's position, kept by the loader
     got = [{k: float(v) for k, v in resumed.train_step(b).items()} for b in batches[4:]]
     assert got == expected[4:]
 
@@ -188,3 +202,35 @@ def test_adv_disc_bn_says_whether_the_adversarial_pass_moves_the_discriminators_
 def test_adv_disc_bn_rejects_unknown_modes():
     with pytest.raises(Exception, match="adv_disc_bn"):
         debug_config("loss.adv_disc_bn=frozen")
+
+
+def test_a_data_position_that_does_not_load_leaves_the_trainer_as_it_was(tmp_path):
+    from inpaint.checkpoint import UnloadableCheckpoint
+
+    config = debug_config()
+    first = Trainer(config, device="cpu")
+    first.train_step(synthetic_batch(config, 0))
+    first.save(tmp_path / "ckpt", data=Position({"epoch": 3}))
+    fresh = Trainer(config, device="cpu")
+    before = params(fresh.generator)
+    with pytest.raises(UnloadableCheckpoint, match="data position"):
+        fresh.load(tmp_path / "ckpt", data=Position(refuse=True))
+    assert fresh.step == 0 and not changed(before, fresh.generator)
+    assert fresh.load(tmp_path / "ckpt")["step"] == 1  # without a loader to restore, the position is ignored
+
+
+@pytest.mark.slow
+def test_runtime_compile_trains_the_same_networks_and_saves_plain_weights(tmp_path):
+    config = debug_config("runtime.compile=true", "schedule.generator_steps=1", "schedule.discriminator_steps=1",
+                          "schedule.joint_steps=1")
+    batches = [synthetic_batch(config, i) for i in range(3)]
+    eager = Trainer(config, device="cpu")
+    expected = [{k: float(v) for k, v in eager.train_step(b).items()} for b in batches]
+    compiled = Trainer(config, device="cpu")
+    compiled.compile()
+    assert isinstance(compiled.generator, torch._dynamo.eval_frame.OptimizedModule)
+    got = [{k: float(v) for k, v in compiled.train_step(b).items()} for b in batches]
+    for mine, theirs in zip(got, expected):
+        assert mine.keys() == theirs.keys() and mine == pytest.approx(theirs, rel=1e-3, abs=1e-5)
+    compiled.save(tmp_path / "ckpt")  # the networks' own names, not _orig_mod.*: loads into an eager trainer
+    assert Trainer(config, device="cpu").load(tmp_path / "ckpt")["step"] == 3
