@@ -6,7 +6,7 @@ checked here, before any worker starts, and reported as a :class:`UserError` wit
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 import os
 import time
@@ -18,6 +18,7 @@ from cluster.ray_storage import pyarrow_filesystem
 from inpaint import recipes, storage
 from inpaint.config import Config, ConfigError, apply_overrides
 from inpaint.run_folder import RunPaths, checkpoint_urls
+from inpaint.storage import normalize
 
 log = logging.getLogger("inpaint.launch")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -66,49 +67,45 @@ class TrainRequest:
         return RunPaths(self.storage, self.name)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, *, default_data: str) -> "TrainRequest":
+    def create(cls, *, recipe: str, overrides: list[str], data: str | None, storage: str, name: str | None,
+               workers: str, gpu: bool = False, max_failures: int = 3, storage_options: dict | None = None,
+               cpus_per_worker: float = 1.0, resource_timeout_s: float | None = None,
+               resize_interval_s: float = 60.0, evaluate: bool = True,
+               default_data: str = "data/sample") -> "TrainRequest":
+        """The request a job's flags describe (each argument is the flag of the same name), checked.
+
+        ``data`` None is the built-in sample, packed under ``default_data`` on first use;
+        ``resource_timeout_s`` None waits 600 s on a cluster (RAY_ADDRESS set) and not at all locally.
+        """
         try:
-            config = apply_overrides(recipes.get(args.recipe), args.overrides)
+            config = apply_overrides(recipes.get(recipe), overrides)
         except ConfigError as exc:
             raise UserError(str(exc)) from None
-        data = args.data
         if data is None:
             data = ensure_sample_data(str(REPO_ROOT / default_data))
-        data = storage.normalize(data)
-        runtime = config.runtime
+        data = normalize(data)
         # The workers' device follows --gpu (Ray places one GPU per worker); an explicit --set
         # runtime.device that says otherwise is a contradiction, not something to override quietly.
-        asked = [item.partition("=")[2].strip() for item in args.overrides
+        asked = [item.partition("=")[2].strip() for item in overrides
                  if item.partition("=")[0].strip() == "runtime.device"]
-        if asked and asked[-1] != "auto" and asked[-1].startswith("cuda") != bool(args.gpu):
-            raise UserError(f"--set runtime.device={asked[-1]} contradicts {'--gpu' if args.gpu else 'no --gpu'}: "
+        if asked and asked[-1] != "auto" and asked[-1].startswith("cuda") != gpu:
+            raise UserError(f"--set runtime.device={asked[-1]} contradicts {'--gpu' if gpu else 'no --gpu'}: "
                             "training runs on GPUs exactly when --gpu is given; drop the --set")
-        runtime = type(runtime)(**{**runtime.__dict__, "device": "cuda" if args.gpu else "cpu"})
-        config = config.replace(data=type(config.data)(**{**config.data.__dict__, "url": data}), runtime=runtime)
-        name = args.name or f"{config.recipe}-{Path(data.rstrip('/')).name}"
+        config = config.replace(data=dataclasses.replace(config.data, url=data),
+                                runtime=dataclasses.replace(config.runtime, device="cuda" if gpu else "cpu"))
+        name = name or f"{config.recipe}-{Path(data.rstrip('/')).name}"
         if not name or "/" in name:
             raise UserError(f"--name: a run name is one path segment, got {name!r}")
-        if args.max_failures < -1:
+        if max_failures < -1:
             raise UserError("--max-failures: expected -1 (unlimited) or a count >= 0")
-        if args.cpus_per_worker <= 0:
+        if cpus_per_worker <= 0:
             raise UserError("--cpus-per-worker: must be > 0")
-        on_cluster = bool(os.environ.get("RAY_ADDRESS"))
-        timeout = args.resource_timeout if args.resource_timeout is not None else (600.0 if on_cluster else 0.0)
-        return cls(config=config, storage=storage.normalize(args.storage), name=name,
-                   workers=parse_workers(str(args.workers)), gpu=args.gpu, max_failures=args.max_failures,
-                   storage_options=_storage_options(args.storage_option),
-                   cpus_per_worker=args.cpus_per_worker, resource_timeout_s=timeout,
-                   resize_interval_s=getattr(args, "resize_interval", 60.0),
-                   evaluate=not getattr(args, "no_evaluate", False))
-
-
-def _storage_options(items: list[str]) -> dict:
-    from inpaint.storage import StorageError, parse_storage_options
-
-    try:
-        return parse_storage_options(items)
-    except StorageError as exc:
-        raise UserError(str(exc)) from None
+        if resource_timeout_s is None:
+            resource_timeout_s = 600.0 if os.environ.get("RAY_ADDRESS") else 0.0
+        return cls(config=config, storage=normalize(storage), name=name,
+                   workers=parse_workers(str(workers)), gpu=gpu, max_failures=max_failures,
+                   storage_options=dict(storage_options or {}), cpus_per_worker=cpus_per_worker,
+                   resource_timeout_s=resource_timeout_s, resize_interval_s=resize_interval_s, evaluate=evaluate)
 
 
 def ensure_sample_data(path: str) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
-from inpaint.cli import OneLineParser, non_negative_float, positive_float  # noqa: E402  (light: no torch)
+from inpaint.cli import OneLineParser, non_negative_float, number_type, positive_float  # noqa: E402  (light: no torch)
 
 DEFAULT_DATA = "data/sample"
 DEFAULT_STORAGE = "runs"
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None, help="run name; the same name resumes (default: <recipe>-sample)")
     parser.add_argument("--workers", default="2", help="training workers: N, or MIN-MAX for an elastic run")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker: NCCL, bf16 autocast, channels_last")
-    parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before giving up")
+    parser.add_argument("--max-failures", type=number_type(int, low=-1), default=3,
+                        help="worker-group restarts before giving up (-1: no limit)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a config field, e.g. --set optim.g_lr=1e-4 (repeatable)")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
@@ -54,11 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cluster.launch import UserError, TrainRequest, run_training  # heavy imports after --help
+    from inpaint.storage import StorageError, parse_storage_options
 
     try:
-        request = TrainRequest.from_args(args, default_data=DEFAULT_DATA)
+        request = TrainRequest.create(
+            recipe=args.recipe, overrides=args.overrides, data=args.data, storage=args.storage, name=args.name,
+            workers=args.workers, gpu=args.gpu, max_failures=args.max_failures,
+            storage_options=parse_storage_options(args.storage_option), cpus_per_worker=args.cpus_per_worker,
+            resource_timeout_s=args.resource_timeout, resize_interval_s=args.resize_interval,
+            evaluate=not args.no_evaluate, default_data=DEFAULT_DATA)
         summary = run_training(request)
-    except UserError as exc:
+    except (UserError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(summary.describe())

@@ -80,12 +80,6 @@ def test_unreadable_run_config_is_an_error_not_overwritten(runs, sample_dataset)
 
 
 def test_the_same_command_still_resumes(runs, sample_dataset):
-    from tests.cli_harness import cli_main  # noqa: F401  (loads jobs/train.py)
-    from tests.cli_harness import _MODULES
-
-    cli_main("train")
-    args = _MODULES["train"].build_parser().parse_args(
-        ["--recipe", "debug", "--storage", str(runs), "--name", "debug-sample", "--data", sample_dataset,
-         "--set", "log.every_steps=1"])
-    request = launch.TrainRequest.from_args(args, default_data="unused")
+    request = launch.TrainRequest.create(recipe="debug", overrides=["log.every_steps=1"], data=sample_dataset,
+                                         storage=str(runs), name="debug-sample", workers="2")
     launch.check_resume(request)  # no error: only a resumable field changed
