@@ -65,6 +65,12 @@ def _unwrap(module: nn.Module) -> nn.Module:
         module = inner
 
 
+def _unloadable(directory: str | Path, what: str, exc: Exception) -> ckpt.UnloadableCheckpoint:
+    """``directory: what (the error in one line)``."""
+    reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+    return ckpt.UnloadableCheckpoint(f"{directory}: {what} ({reason})")
+
+
 def _without_ddp(module: nn.Module) -> nn.Module:
     """The network without its DDP wrapper (still compiled where it was)."""
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
@@ -364,16 +370,14 @@ class Trainer:
                                   "trainer": contents.trainer})
         except Exception as exc:  # size mismatch, missing keys, an optimizer state of other shapes
             self.load_state_dict(before)  # as it was: the caller may fall back to an older checkpoint
-            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-            raise ckpt.UnloadableCheckpoint(f"{directory}: does not fit this run's networks ({reason})") from None
+            raise _unloadable(directory, "does not fit this run's networks", exc) from None
         position = contents.trainer.get("data")
         if data is not None and position is not None:
             try:
                 data.load_state_dict(position)
             except Exception as exc:  # a malformed position: the same fallback as a misfit network
                 self.load_state_dict(before)
-                reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-                raise ckpt.UnloadableCheckpoint(f"{directory}: its data position does not load ({reason})") from None
+                raise _unloadable(directory, "its data position does not load", exc) from None
         return contents.meta
 
     # ----------------------------------------------------------------- loop
