@@ -172,14 +172,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                storage_options=loop_config.get("storage_options") or None,
                                pin_memory=device.type == "cuda")
     restore_latest(trainer, run, ray.train.get_checkpoint(), data=loader, rank=rank)
-    if config.runtime.compile:
-        trainer.compile()
-    trainer.wrap_models(_ddp_wrapper(device, world_size))
-
-    if trainer.done:
+    if trainer.done:  # before compiling and wrapping: a finished run costs no more than its restore
         if rank == 0:
             log.info("run %s already finished its schedule at step %d; nothing to do", run.name, trainer.step)
         return
+    if config.runtime.compile:
+        trainer.compile()
+    trainer.wrap_models(_ddp_wrapper(device, world_size))
 
     writer = RunWriter(run) if rank == 0 else None
     keys = (SampleKeyLog(run.run, _broadcast(attempt_id()), rank, world_size)
