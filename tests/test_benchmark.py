@@ -195,3 +195,30 @@ def test_webdataset_compat_prints_every_rate_and_finds_tarwriter_shards_identica
     assert [rows[i][0].startswith("ours:") and rows[i][3] for i in (0, 2, 5)] == ["100"] * 3  # each table's ours
     assert "writes byte-identical shards: yes" in result.stdout
     assert "every reader yields the same samples in the index's order" in result.stdout
+
+
+@pytest.mark.slow  # a fresh interpreter, then one tiny step per workload and a FLOP count of each recipe
+def test_fp32_variants_prints_ratios_and_a_ceiling_from_equal_flops_for_the_same_networks():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.fp32_variants", "--phases", "generator",
+                             "--variants", "nchw,celeba", "--size", "64,64,2", "--steps", "1", "--matmul-side", "256"],
+                            capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert re.search(r"fp32 matmul rate, 256x256, \d+ threads: \d+ GFLOP/s", out), out
+    timing = re.search(r"^generator: glcic-pytorch ([\d.]+) s \(([\d.]+) GFLOP/image, \d+ GFLOP/s\)"
+                       r"  glcic/fp32 ([\d.]+) s \(([\d.]+)x\)  celeba/fp32 ([\d.]+) s \(([\d.]+)x\)", out, re.MULTILINE)
+    assert timing, out
+    ceiling = re.search(r"^generator ceiling at the matmul rate: glcic ([\d.]+)x \(([\d.]+) GFLOP/image\)"
+                        r"  celeba ([\d.]+)x \(([\d.]+) GFLOP/image\)$", out, re.MULTILINE)
+    assert ceiling, out
+    # The faithful glcic recipe is GLCIC-PyTorch's generator: the same FLOPs; the paper's network does more.
+    assert ceiling[2] == timing[2]
+    assert float(ceiling[4]) > float(ceiling[2]) > 0
+    assert float(ceiling[1]) > float(ceiling[3]) > 0  # more FLOPs, lower ceiling
+
+
+def test_fp32_variants_names_an_unknown_variant_in_one_line(capsys):
+    from benchmarks import fp32_variants
+    with pytest.raises(SystemExit):
+        fp32_variants.main(["--variants", "nchw,turbo"])
+    assert "--variants: unknown turbo; choose from nchw" in capsys.readouterr().err
