@@ -20,30 +20,12 @@ from cluster import evaluator as cev
 from cluster import watcher
 from inpaint import run_folder
 from inpaint import evaluation as ev
-from inpaint import recipes
 from inpaint.baselines import BaselineError, biharmonic, telea
-from inpaint.masks import MaskSampler, evaluation_masks
-from inpaint.trainer import Trainer
+from inpaint.masks import evaluation_masks
 from jobs import evaluate as job
+from tests.cli_harness import train_debug_run
 
 IMAGES = 12
-
-
-def train_debug_run(run: Path, data_url: str, save_at: tuple[int, ...] = (2, 4)) -> Path:
-    """A run folder with debug-recipe checkpoints at the given steps and the run's config.json."""
-    config = recipes.get("debug")
-    config = config.replace(data=type(config.data)(**{**vars(config.data), "url": data_url}))
-    trainer = Trainer(config, device="cpu")
-    sampler = MaskSampler(config.mask, config.model.image_size, config.model.local_size)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(max(save_at)):
-        masks, boxes = sampler.batch(4, generator)
-        images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=generator)
-        trainer.train_step({"image": images, "mask": masks, "box": boxes})
-        if trainer.step in save_at:
-            trainer.save(run / f"checkpoint_{trainer.step:09d}")
-    (run / "config.json").write_text(config.to_json())
-    return run
 
 
 @pytest.fixture(scope="module")
