@@ -221,8 +221,10 @@ def test_a_data_position_that_does_not_load_leaves_the_trainer_as_it_was(tmp_pat
 
 @pytest.mark.slow
 def test_runtime_compile_trains_the_same_networks_and_saves_plain_weights(tmp_path):
-    config = debug_config("runtime.compile=true", "schedule.generator_steps=1", "schedule.discriminator_steps=1",
-                          "schedule.joint_steps=1")
+    # fp32 on every CPU: under bf16 autocast (the default where the CPU has native bf16) compiled and
+    # eager kernels round differently, ~3e-3 relative after three steps, which says nothing about compile.
+    config = debug_config("runtime.compile=true", "runtime.bf16=false", "schedule.generator_steps=1",
+                          "schedule.discriminator_steps=1", "schedule.joint_steps=1")
     batches = [synthetic_batch(config, i) for i in range(3)]
     eager = Trainer(config, device="cpu")
     expected = [{k: float(v) for k, v in eager.train_step(b).items()} for b in batches]
