@@ -22,13 +22,13 @@ system running the same networks with the same convolution algorithm.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.runners import Runner, time_interleaved
+from benchmarks.runners import Runner, count_flops, time_interleaved
 from benchmarks.vocabulary import GLCIC_PYTORCH, OPTIMIZED, PHASES, Options
 from benchmarks.workloads import Workload, size_settings
 from inpaint.hardware import describe_cpu_line
@@ -70,16 +70,6 @@ def synthetic_batches(runner: Runner, count: int = 4):
         yield from batches
 
 
-def flops_per_image(work: Workload, phase: str) -> float:
-    """FLOPs of one step per image, counted at a batch of 2 after a warm-up step (uncompiled: same FLOPs)."""
-    runner = Runner(Workload(work.name, work.recipe, work.variant, work.settings), phase, CPU, Options(), batch=2)
-    runner.batches = synthetic_batches(runner)
-    runner.step(next(runner.batches))
-    with FlopCounterMode(display=False) as counter:
-        runner.step(next(runner.batches))
-    return counter.get_total_flops() / 2
-
-
 def matmul_flops_per_s(side: int = 4096, repeats: int = 5) -> float:
     """This CPU's fp32 rate on its densest work: the best of ``repeats`` side x side matmuls."""
     a, b = torch.randn(side, side), torch.randn(side, side)
@@ -109,8 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--matmul-side", type=int, default=4096, help=argparse.SUPPRESS)  # small in tests
     args = parser.parse_args(argv)
     phases, variants = args.phases.split(","), args.variants.split(",")
-    for name, known in (("--phases", PHASES), ("--variants", VARIANTS)):
-        unknown = [v for v in (phases if name == "--phases" else variants) if v not in known]
+    for name, given, known in (("--phases", phases, PHASES), ("--variants", variants, VARIANTS)):
+        unknown = [v for v in given if v not in known]
         if unknown:
             parser.error(f"{name}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     size = size_settings(*args.size)
@@ -130,8 +120,9 @@ def main(argv: list[str] | None = None) -> None:
         base = statistics.median(runners[0].step_s)
         flops = {}
         for work in [theirs, *works]:
-            if work.recipe not in flops:
-                flops[work.recipe] = flops_per_image(work, phase)
+            if work.recipe not in flops:  # counted uncompiled: compiling does not change the FLOPs
+                flops[work.recipe] = count_flops(dataclasses.replace(work, compile=False), phase, CPU, Options(),
+                                                 batches=synthetic_batches)
         cells = [f"glcic-pytorch {base:.2f} s ({flops[None] / 1e9:.1f} GFLOP/image, "
                  f"{flops[None] * batch / base / 1e9:.0f} GFLOP/s)"]
         cells += [f"{r.workload.name} {statistics.median(r.step_s):.2f} s "

@@ -131,10 +131,16 @@ def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int,
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
-def count_flops(workload: Workload, phase: str, device: torch.device, options: Options, url: str) -> float:
-    """FLOPs per image of one step, counted by FlopCounterMode at a batch of 2 after a warm-up step."""
+def count_flops(workload: Workload, phase: str, device: torch.device, options: Options, url: str | None = None, *,
+                batches: Callable[[Runner], Iterator[dict]] | None = None) -> float:
+    """FLOPs per image of one step, counted by FlopCounterMode at a batch of 2 after a warm-up step.
+
+    The batches come from the dataset at ``url`` through the training loader, or from ``batches(runner)``."""
     runner = Runner(workload, phase, device, options, batch=2)
-    attach_loader(runner, url)
+    if batches is not None:
+        runner.batches = batches(runner)
+    else:
+        attach_loader(runner, url)
     runner.step(next(runner.batches))
     with FlopCounterMode(display=False) as counter:
         runner.step(next(runner.batches))
