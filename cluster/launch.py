@@ -13,15 +13,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.ray_runtime import ensure_ray
+from cluster.ray_runtime import REPO_ROOT, ensure_ray
 from cluster.ray_storage import pyarrow_filesystem
 from inpaint import recipes, storage
-from inpaint.config import Config, ConfigError, apply_overrides
+from inpaint.config import RESUMABLE, Config, ConfigError, apply_overrides
 from inpaint.run_folder import RunPaths, checkpoint_urls
 from inpaint.storage import normalize
 
 log = logging.getLogger("inpaint.launch")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class UserError(Exception):
@@ -194,35 +193,6 @@ def _check_vgg_weights(request: TrainRequest) -> None:
         raise UserError(str(exc)) from None
 
 
-# Fields a resumed run may change: where data is read from and how fast, how often it logs and
-# checkpoints, the device and its numerics, and the length of the last (joint) phase. Anything
-# else (the model, losses, masks, optimizer, the earlier phases, batch size, seeds) would make the
-# checkpoint mean something else, or not load at all.
-RESUMABLE_FIELDS = ("data.url", "data.num_workers", "checkpoint.*", "log.*", "runtime.device", "runtime.bf16",
-                    "runtime.channels_last", "runtime.compile", "schedule.joint_steps")
-
-
-def _flat(document: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in document.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
-def _resumable(name: str) -> bool:
-    return any(name == item or (item.endswith(".*") and name.startswith(item[:-1])) for item in RESUMABLE_FIELDS)
-
-
-def config_changes(old: Config, new: Config) -> list[str]:
-    """``field: old -> new`` for each field that differs and may not change when a run resumes."""
-    before, after = _flat(old.to_dict()), _flat(new.to_dict())
-    return [f"{name}: {before.get(name)!r} -> {after.get(name)!r}" for name in sorted(set(before) | set(after))
-            if before.get(name) != after.get(name) and not _resumable(name)]
-
-
 def _existing_config(request: TrainRequest) -> tuple[Config | None, str]:
     """The config this run was started with, and where it is: its config.json, else its newest checkpoint's.
 
@@ -232,7 +202,6 @@ def _existing_config(request: TrainRequest) -> tuple[Config | None, str]:
     import json
 
     from inpaint.checkpoint import CONFIG_FILE
-    from inpaint.run_folder import checkpoint_urls
 
     def read(url: str) -> Config:
         return Config.from_dict(json.loads(storage.read_bytes(url)))
@@ -261,10 +230,10 @@ def check_resume(request: TrainRequest) -> None:
     old, where = _existing_config(request)
     if old is None:
         return
-    changes = config_changes(old, request.config)
+    changes = old.resume_changes(request.config)
     if changes:
         raise UserError(f"run {request.name} exists with a different config ({where}): {'; '.join(changes)}. "
-                        f"Only {', '.join(RESUMABLE_FIELDS)} may change when resuming; "
+                        f"Only {', '.join(RESUMABLE)} may change when resuming; "
                         "use a new --name for a new run")
 
 
