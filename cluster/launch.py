@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.console import ray_train_log_level
 from cluster.ray_runtime import REPO_ROOT, ensure_ray
 from cluster.ray_storage import pyarrow_filesystem
 from inpaint import recipes, storage
@@ -56,6 +57,7 @@ class TrainRequest:
     resource_timeout_s: float = 0.0
     resize_interval_s: float = 60.0  # elastic runs: how often Ray Train looks for room to grow the group
     evaluate: bool = True  # after training: the final checkpoint beside classical methods on held-out images
+    verbose: bool = False  # Ray's own INFO lines and core log lines on the console (cluster/console.py)
 
     @property
     def min_workers(self) -> int:
@@ -69,7 +71,7 @@ class TrainRequest:
     def create(cls, *, recipe: str, overrides: list[str], data: str | None, storage: str, name: str | None,
                workers: str, gpu: bool = False, max_failures: int = 3, storage_options: dict | None = None,
                cpus_per_worker: float = 1.0, resource_timeout_s: float | None = None,
-               resize_interval_s: float = 60.0, evaluate: bool = True,
+               resize_interval_s: float = 60.0, evaluate: bool = True, verbose: bool = False,
                default_data: str = "data/sample") -> "TrainRequest":
         """The request a job's flags describe (each argument is the flag of the same name), checked.
 
@@ -104,7 +106,8 @@ class TrainRequest:
         return cls(config=config, storage=normalize(storage), name=name,
                    workers=parse_workers(str(workers)), gpu=gpu, max_failures=max_failures,
                    storage_options=dict(storage_options or {}), cpus_per_worker=cpus_per_worker,
-                   resource_timeout_s=resource_timeout_s, resize_interval_s=resize_interval_s, evaluate=evaluate)
+                   resource_timeout_s=resource_timeout_s, resize_interval_s=resize_interval_s, evaluate=evaluate,
+                   verbose=verbose)
 
 
 def ensure_sample_data(path: str) -> str:
@@ -268,7 +271,7 @@ def _check_placeable(request: TrainRequest) -> None:
 
 
 def build_trainer(request: TrainRequest):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.train_loop import train_loop_per_worker
@@ -278,7 +281,7 @@ def build_trainer(request: TrainRequest):
         train_loop_per_worker,
         train_loop_config={"config": request.config.to_dict(), "storage": request.storage, "name": request.name,
                            "storage_options": request.storage_options,
-                           "threads_per_worker": max(1, int(request.cpus_per_worker))},
+                           "threads_per_worker": max(1, int(request.cpus_per_worker)), "verbose": request.verbose},
         torch_config=TorchConfig(backend="nccl" if request.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=request.workers, use_gpu=request.gpu,
                                      resources_per_worker={"CPU": request.cpus_per_worker},
@@ -289,6 +292,7 @@ def build_trainer(request: TrainRequest):
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=request.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=request.config.checkpoint.keep_last),
+            logging_config=LoggingConfig(log_level=ray_train_log_level(request.verbose)),
         ),
     )
 
@@ -302,11 +306,16 @@ def run_training(request: TrainRequest) -> TrainSummary:
     except storage.StorageError as exc:
         raise UserError(str(exc)) from None
     storage.write_text(request.run.config, request.config.to_json())
-    ensure_ray()
+    ensure_ray(request.verbose)
     _check_placeable(request)
     import ray.train
 
     trainer = build_trainer(request)
+    schedule = request.config.schedule
+    print(f"training {request.name}: recipe {request.config.recipe}, {request.workers} worker(s) on "
+          f"{'GPU' if request.gpu else 'CPU'}, {schedule.total_steps} {schedule.unit} "
+          f"({schedule.generator_steps} generator, {schedule.discriminator_steps} discriminator, "
+          f"{schedule.joint_steps} joint); tensorboard --logdir {request.run.tensorboard}", flush=True)
     try:
         trainer.fit()
     except ray.train.WorkerGroupError as exc:
