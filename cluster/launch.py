@@ -313,7 +313,8 @@ def run_training(request: TrainRequest) -> TrainSummary:
     trainer = build_trainer(request)
     schedule = request.config.schedule
     print(f"training {request.name}: recipe {request.config.recipe}, {request.workers} worker(s) on "
-          f"{'GPU' if request.gpu else 'CPU'}, {schedule.total_steps} {schedule.unit} "
+          f"{'GPU' if request.gpu else 'CPU'}, {schedule.total_steps} iterations"
+          f"{f' of {schedule.reference_batch} samples' if schedule.unit == 'samples' else ''} "
           f"({schedule.generator_steps} generator, {schedule.discriminator_steps} discriminator, "
           f"{schedule.joint_steps} joint); tensorboard --logdir {request.run.tensorboard}", flush=True)
     try:
