@@ -136,9 +136,9 @@ class TrainSummary:
                                               else f"FAILED: {self.error}")]
         if self.checkpoint:
             lines.append(f"  latest checkpoint: {self.checkpoint}")
-        lines += [f"  checkpoints:       {self.run.run}/checkpoint_*",
+        lines += [f"  checkpoints:       {self.run.checkpoint_pattern}",
                   f"  tensorboard:       tensorboard --logdir {self.run.tensorboard}",
-                  f"  sample grids:      {self.run.samples}/step_*.png",
+                  f"  sample grids:      {self.run.sample_pattern}",
                   f"  resolved config:   {self.run.config}"]
         if self.report:
             lines.append(f"  evaluation report: {self.report}")
