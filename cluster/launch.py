@@ -13,15 +13,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.ray_runtime import ensure_ray
+from cluster.console import ray_train_log_level
+from cluster.ray_runtime import REPO_ROOT, ensure_ray
 from cluster.ray_storage import pyarrow_filesystem
 from inpaint import recipes, storage
-from inpaint.config import Config, ConfigError, apply_overrides
+from inpaint.config import RESUMABLE, Config, ConfigError, apply_overrides
 from inpaint.run_folder import RunPaths, checkpoint_urls
 from inpaint.storage import normalize
 
 log = logging.getLogger("inpaint.launch")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class UserError(Exception):
@@ -57,6 +57,7 @@ class TrainRequest:
     resource_timeout_s: float = 0.0
     resize_interval_s: float = 60.0  # elastic runs: how often Ray Train looks for room to grow the group
     evaluate: bool = True  # after training: the final checkpoint beside classical methods on held-out images
+    verbose: bool = False  # Ray's own INFO lines and core log lines on the console (cluster/console.py)
 
     @property
     def min_workers(self) -> int:
@@ -70,7 +71,7 @@ class TrainRequest:
     def create(cls, *, recipe: str, overrides: list[str], data: str | None, storage: str, name: str | None,
                workers: str, gpu: bool = False, max_failures: int = 3, storage_options: dict | None = None,
                cpus_per_worker: float = 1.0, resource_timeout_s: float | None = None,
-               resize_interval_s: float = 60.0, evaluate: bool = True,
+               resize_interval_s: float = 60.0, evaluate: bool = True, verbose: bool = False,
                default_data: str = "data/sample") -> "TrainRequest":
         """The request a job's flags describe (each argument is the flag of the same name), checked.
 
@@ -105,7 +106,8 @@ class TrainRequest:
         return cls(config=config, storage=normalize(storage), name=name,
                    workers=parse_workers(str(workers)), gpu=gpu, max_failures=max_failures,
                    storage_options=dict(storage_options or {}), cpus_per_worker=cpus_per_worker,
-                   resource_timeout_s=resource_timeout_s, resize_interval_s=resize_interval_s, evaluate=evaluate)
+                   resource_timeout_s=resource_timeout_s, resize_interval_s=resize_interval_s, evaluate=evaluate,
+                   verbose=verbose)
 
 
 def ensure_sample_data(path: str) -> str:
@@ -134,9 +136,9 @@ class TrainSummary:
                                               else f"FAILED: {self.error}")]
         if self.checkpoint:
             lines.append(f"  latest checkpoint: {self.checkpoint}")
-        lines += [f"  checkpoints:       {self.run.run}/checkpoint_*",
+        lines += [f"  checkpoints:       {self.run.checkpoint_pattern}",
                   f"  tensorboard:       tensorboard --logdir {self.run.tensorboard}",
-                  f"  sample grids:      {self.run.samples}/step_*.png",
+                  f"  sample grids:      {self.run.sample_pattern}",
                   f"  resolved config:   {self.run.config}"]
         if self.report:
             lines.append(f"  evaluation report: {self.report}")
@@ -194,35 +196,6 @@ def _check_vgg_weights(request: TrainRequest) -> None:
         raise UserError(str(exc)) from None
 
 
-# Fields a resumed run may change: where data is read from and how fast, how often it logs and
-# checkpoints, the device and its numerics, and the length of the last (joint) phase. Anything
-# else (the model, losses, masks, optimizer, the earlier phases, batch size, seeds) would make the
-# checkpoint mean something else, or not load at all.
-RESUMABLE_FIELDS = ("data.url", "data.num_workers", "checkpoint.*", "log.*", "runtime.device", "runtime.bf16",
-                    "runtime.channels_last", "runtime.compile", "schedule.joint_steps")
-
-
-def _flat(document: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in document.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
-def _resumable(name: str) -> bool:
-    return any(name == item or (item.endswith(".*") and name.startswith(item[:-1])) for item in RESUMABLE_FIELDS)
-
-
-def config_changes(old: Config, new: Config) -> list[str]:
-    """``field: old -> new`` for each field that differs and may not change when a run resumes."""
-    before, after = _flat(old.to_dict()), _flat(new.to_dict())
-    return [f"{name}: {before.get(name)!r} -> {after.get(name)!r}" for name in sorted(set(before) | set(after))
-            if before.get(name) != after.get(name) and not _resumable(name)]
-
-
 def _existing_config(request: TrainRequest) -> tuple[Config | None, str]:
     """The config this run was started with, and where it is: its config.json, else its newest checkpoint's.
 
@@ -232,7 +205,6 @@ def _existing_config(request: TrainRequest) -> tuple[Config | None, str]:
     import json
 
     from inpaint.checkpoint import CONFIG_FILE
-    from inpaint.run_folder import checkpoint_urls
 
     def read(url: str) -> Config:
         return Config.from_dict(json.loads(storage.read_bytes(url)))
@@ -261,10 +233,10 @@ def check_resume(request: TrainRequest) -> None:
     old, where = _existing_config(request)
     if old is None:
         return
-    changes = config_changes(old, request.config)
+    changes = old.resume_changes(request.config)
     if changes:
         raise UserError(f"run {request.name} exists with a different config ({where}): {'; '.join(changes)}. "
-                        f"Only {', '.join(RESUMABLE_FIELDS)} may change when resuming; "
+                        f"Only {', '.join(RESUMABLE)} may change when resuming; "
                         "use a new --name for a new run")
 
 
@@ -299,7 +271,7 @@ def _check_placeable(request: TrainRequest) -> None:
 
 
 def build_trainer(request: TrainRequest):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.train_loop import train_loop_per_worker
@@ -309,7 +281,7 @@ def build_trainer(request: TrainRequest):
         train_loop_per_worker,
         train_loop_config={"config": request.config.to_dict(), "storage": request.storage, "name": request.name,
                            "storage_options": request.storage_options,
-                           "threads_per_worker": max(1, int(request.cpus_per_worker))},
+                           "threads_per_worker": max(1, int(request.cpus_per_worker)), "verbose": request.verbose},
         torch_config=TorchConfig(backend="nccl" if request.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=request.workers, use_gpu=request.gpu,
                                      resources_per_worker={"CPU": request.cpus_per_worker},
@@ -320,6 +292,7 @@ def build_trainer(request: TrainRequest):
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=request.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=request.config.checkpoint.keep_last),
+            logging_config=LoggingConfig(log_level=ray_train_log_level(request.verbose)),
         ),
     )
 
@@ -333,11 +306,17 @@ def run_training(request: TrainRequest) -> TrainSummary:
     except storage.StorageError as exc:
         raise UserError(str(exc)) from None
     storage.write_text(request.run.config, request.config.to_json())
-    ensure_ray()
+    ensure_ray(request.verbose)
     _check_placeable(request)
     import ray.train
 
     trainer = build_trainer(request)
+    schedule = request.config.schedule
+    print(f"training {request.name}: recipe {request.config.recipe}, {request.workers} worker(s) on "
+          f"{'GPU' if request.gpu else 'CPU'}, {schedule.total_steps} iterations"
+          f"{f' of {schedule.reference_batch} samples' if schedule.unit == 'samples' else ''} "
+          f"({schedule.generator_steps} generator, {schedule.discriminator_steps} discriminator, "
+          f"{schedule.joint_steps} joint); tensorboard --logdir {request.run.tensorboard}", flush=True)
     try:
         trainer.fit()
     except ray.train.WorkerGroupError as exc:

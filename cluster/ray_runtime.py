@@ -8,9 +8,17 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS (as `ray job submit` sets it), or start a local Ray."""
+def ensure_ray(verbose: bool = False) -> None:
+    """Connect to the cluster in RAY_ADDRESS (as `ray job submit` sets it), or start a local Ray.
+
+    Ray's own messages reach the console at warning level, and the workers' output through
+    :mod:`cluster.console`; ``verbose`` shows everything as Ray prints it.
+    """
+    import logging
+
     import ray
+
+    from cluster.console import install_driver_filter
 
     if ray.is_initialized():
         return
@@ -18,8 +26,10 @@ def ensure_ray() -> None:
     # Workers import the project from this checkout even when it is not pip-installed.
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                                            os.environ.get("PYTHONPATH")]))}}
+    quiet = {} if verbose else {"logging_level": logging.WARNING}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **quiet)
+        install_driver_filter(verbose)
         return
     # The local default starts its own Ray even when another one runs on this machine (a second checkout,
     # a test): plain ray.init() would join the instance that the latest `ray start` recorded, and Ray
@@ -33,4 +43,5 @@ def ensure_ray() -> None:
         dashboard_port = probe.getsockname()[1]
     runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-             runtime_env=runtime_env, log_to_driver=True)
+             runtime_env=runtime_env, log_to_driver=True, **quiet)
+    install_driver_filter(verbose)

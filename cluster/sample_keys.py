@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from inpaint import storage
-from inpaint.run_folder import RunPaths
-
+from inpaint.run_folder import RunPaths, parse_sample_key_file
 
 
 def attempt_id() -> int:
@@ -51,8 +50,8 @@ class SampleKeyLog:
     def flush(self, step: int) -> None:
         if not self.records:
             return
-        name = f"attempt-{self.attempt}/rank-{self.rank}-of-{self.world_size}-to-{step:09d}.json"
-        storage.write_bytes(storage.join(RunPaths.of(self.run_url).sample_keys, name), json.dumps(self.records).encode())
+        url = RunPaths.of(self.run_url).sample_key_file(self.attempt, self.rank, self.world_size, step)
+        storage.write_bytes(url, json.dumps(self.records).encode())
         self.records = []
 
 
@@ -60,12 +59,12 @@ def read_all(run_url: str) -> list[dict[str, Any]]:
     """Every record written for the run, each with its ``attempt``, ``rank`` and ``world_size``."""
     found = []
     for path in storage.list_files(RunPaths.of(run_url).sample_keys):
-        if not path.endswith(".json"):
+        parsed = parse_sample_key_file(path)
+        if parsed is None:
             continue
-        attempt = int(path.rsplit("/", 2)[-2].split("-", 1)[1])
-        rank, _, world_size, *_ = path.rsplit("/", 1)[-1].split("-")[1:]
+        attempt, rank, world_size = parsed
         for record in json.loads(storage.read_bytes(path)):
-            found.append({**record, "attempt": attempt, "rank": int(rank), "world_size": int(world_size)})
+            found.append({**record, "attempt": attempt, "rank": rank, "world_size": world_size})
     return found
 
 

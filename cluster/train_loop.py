@@ -19,6 +19,8 @@ import ray.train.torch
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from cluster import console
+from cluster.console import ThroughputMeter, progress_line
 from cluster.sample_keys import SampleKeyLog, attempt_id
 from cluster.tensorboard import RunWriter
 from inpaint import storage
@@ -155,18 +157,18 @@ def restore_latest(trainer: Trainer, run: RunPaths, registered: ray.train.Checkp
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = Config.from_dict(loop_config["config"])
     run = RunPaths(loop_config["storage"], loop_config["name"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    console.configure_worker(rank, bool(loop_config.get("verbose")))
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
 
     # Where each rank runs: after a node loss or a resize, the log shows the new group's placement.
-    log.info("rank %d of %d on node %s", rank, world_size, ray.get_runtime_context().get_node_id())
+    log.debug("rank %d of %d on node %s", rank, world_size, ray.get_runtime_context().get_node_id())
     trainer = Trainer(config, device=device, world_size=world_size, rank=rank)
     loader = make_train_loader(config.data, config.model, config.mask, rank=rank, world_size=world_size,
                                storage_options=loop_config.get("storage_options") or None,
@@ -185,9 +187,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if config.log.sample_keys else None)  # debug/test hook, see cluster/sample_keys.py
     every = config.checkpoint.every_steps
     batch_size = config.data.batch_size
-    window_start = time.perf_counter()
-    window_images = 0
-    data_time = step_time = 0.0
+    meter = ThroughputMeter(world_size)
     try:
         data_iter = iter(loader)
         while not trainer.done:
@@ -199,23 +199,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             losses = trainer.train_step(batch)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            t2 = time.perf_counter()
-            data_time += t1 - t0
-            step_time += t2 - t1
-            window_images += batch_size
+            meter.add(batch_size, t1 - t0, time.perf_counter() - t1)
             step = trainer.step
             if keys is not None:
                 keys.add(step, trainer.samples_seen, phase.value, batch)
 
             if writer is not None and step % config.log.every_steps == 0:
-                elapsed = time.perf_counter() - window_start
-                steps_in_window = max(1, window_images // batch_size)
                 scalars = {k: float(v) for k, v in losses.items()}
+                window = meter.window()
+                scalars.update(window)
                 scalars.update({
-                    "perf/images_per_s": window_images * world_size / elapsed,
-                    "perf/images_per_s_per_worker": window_images / elapsed,
-                    "time/data(s)": data_time / steps_in_window,
-                    "time/step(s)": step_time / steps_in_window,
                     "memory/max(GiB)": _memory_gb(device),
                     "schedule/phase": PHASE_INDEX[trainer.phase],
                     "schedule/samples_seen": trainer.samples_seen,
@@ -224,10 +217,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "data/epoch": batch.get("epoch", 0),
                 })
                 writer.scalars(scalars, step)
-                log.info("step %d phase %s %s | %.1f img/s", step, phase.value,
-                         " ".join(f"{k.rsplit('/', 1)[-1]}={v:.4g}" for k, v in losses.items()),
-                         scalars["perf/images_per_s"])
-                window_start, window_images, data_time, step_time = time.perf_counter(), 0, 0.0, 0.0
+                left = trainer.schedule.steps_left(step, trainer.samples_seen, batch_size * world_size)
+                log.info(progress_line(step, step + left, phase.value, {k: float(v) for k, v in losses.items()},
+                                       window, left))
             if writer is not None and (step % config.log.image_every_steps == 0 or trainer.done):
                 masked, completed, original = trainer.complete(batch)
                 count = config.log.image_count
@@ -265,4 +257,5 @@ def _report(trainer: Trainer, loader: TrainLoader, losses: dict[str, torch.Tenso
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(trainer.step))
     if rank == 0:
-        log.info("checkpoint %s reported (phase %s)", checkpoint_name(trainer.step), trainer.phase.value)
+        log.info("checkpoint %s saved (step %d, phase %s)", checkpoint_name(trainer.step), trainer.step,
+                 trainer.phase.value)

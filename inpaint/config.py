@@ -328,15 +328,49 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def fixed_fields(self) -> dict[str, Any]:
+        """Every field a resumed run must keep (see :data:`RESUMABLE`), flattened as ``section.field``."""
+        return {name: value for name, value in _flat(self.to_dict()).items() if not resumable(name)}
+
     def digest(self) -> str:
-        """Short hash of the settings that shape the model and its training (not paths or logging)."""
-        d = self.to_dict()
-        for volatile in ("data", "checkpoint", "log"):
-            d.pop(volatile)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+        """Short hash of :meth:`fixed_fields`: equal digests mean a checkpoint of one resumes as the other."""
+        return hashlib.sha256(json.dumps(self.fixed_fields(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def resume_changes(self, new: "Config") -> list[str]:
+        """``field: old -> new`` for each field that ``new`` changes and a resumed run may not."""
+        before, after = self.fixed_fields(), new.fixed_fields()
+        return [f"{name}: {before.get(name)!r} -> {after.get(name)!r}" for name in sorted(set(before) | set(after))
+                if before.get(name) != after.get(name)]
 
     def replace(self, **sections: Any) -> "Config":
         return dataclasses.replace(self, **sections)
+
+
+# The one rule for what a resumed run may change (the launcher refuses anything else before a
+# worker starts; Trainer.load warns when a checkpoint differs elsewhere; Config.digest hashes the
+# rest). It may change where the same data is read from and how fast, how often it logs and
+# checkpoints, the device and its numerics (resuming a CPU run with --gpu), and the length of the
+# last (joint) phase. Anything else (the model, losses, masks, optimizer, the earlier phases, the
+# batch size, seeds, splits) would make the checkpoint mean something else, or not load at all.
+RESUMABLE: tuple[str, ...] = (
+    "data.url", "data.num_workers", "checkpoint.*", "log.*",
+    "runtime.device", "runtime.bf16", "runtime.channels_last", "runtime.compile", "schedule.joint_steps",
+)
+
+
+def resumable(name: str) -> bool:
+    """Whether the field ``section.field`` may change when a run resumes (:data:`RESUMABLE`)."""
+    return any(name == item or (item.endswith(".*") and name.startswith(item[:-1])) for item in RESUMABLE)
+
+
+def _flat(document: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in document.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
 
 
 def _field_types(cls: type) -> dict[str, Any]:

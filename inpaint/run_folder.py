@@ -84,6 +84,16 @@ class RunPaths:
         return storage.join(self.samples, f"step_{step:08d}.png")
 
     @property
+    def sample_pattern(self) -> str:
+        """What :meth:`sample`'s files look like, for a person to read (``RUN/samples/step_*.png``)."""
+        return storage.join(self.samples, "step_*.png")
+
+    @property
+    def checkpoint_pattern(self) -> str:
+        """What the run's checkpoint folders look like, for a person to read (``RUN/checkpoint_*``)."""
+        return storage.join(self.run, f"{CHECKPOINT_PREFIX}*")
+
+    @property
     def evaluations(self) -> str:
         return storage.join(self.run, EVALUATIONS)
 
@@ -98,6 +108,23 @@ class RunPaths:
     @property
     def sample_keys(self) -> str:
         return storage.join(self.run, SAMPLE_KEYS)
+
+    def sample_key_file(self, attempt: int, rank: int, world_size: int, step: int) -> str:
+        """One rank's sample-key records of one attempt, up to ``step`` (cluster/sample_keys.py)."""
+        return storage.join(self.sample_keys, f"attempt-{attempt}/rank-{rank}-of-{world_size}-to-{step:09d}.json")
+
+
+def parse_sample_key_file(url: str) -> tuple[int, int, int] | None:
+    """(attempt, rank, world size) of a :meth:`RunPaths.sample_key_file` URL; None for any other file."""
+    folder, name = url.rstrip("/").rsplit("/", 2)[-2:]
+    try:
+        attempt = int(folder.removeprefix("attempt-"))
+        rank, of, world_size, to, _ = name.removeprefix("rank-").removesuffix(".json").split("-")
+        if not folder.startswith("attempt-") or (of, to) != ("of", "to"):
+            return None
+        return attempt, int(rank), int(world_size)
+    except ValueError:
+        return None
 
 
 def is_run_folder(url: str) -> bool:

@@ -360,10 +360,10 @@ class Trainer:
         contents = ckpt.load_checkpoint(directory)
         if contents.trainer is None or contents.discriminator is None:
             raise ckpt.CheckpointError(f"{directory}: holds weights only; cannot resume training from it")
-        if contents.config.digest() != self.config.digest():
-            log.warning("resuming from %s whose model/training config differs from this run's "
-                        "(digest %s vs %s); using this run's config", directory,
-                        contents.config.digest(), self.config.digest())
+        changes = contents.config.resume_changes(self.config)
+        if changes:  # the launcher refuses these for a run's own checkpoints; another run's may differ
+            log.warning("resuming from %s, whose config differs where a resume may not change it (%s); "
+                        "using this run's config", directory, "; ".join(changes))
         before = copy.deepcopy(self.state_dict())
         try:
             self.load_state_dict({"generator": contents.generator, "discriminator": contents.discriminator,
@@ -379,17 +379,3 @@ class Trainer:
                 self.load_state_dict(before)
                 raise _unloadable(directory, "its data position does not load", exc) from None
         return contents.meta
-
-    # ----------------------------------------------------------------- loop
-    def fit(self, batches: Iterable[dict[str, Any]], *, max_steps: int | None = None,
-            on_step: Callable[["Trainer", dict[str, torch.Tensor]], None] | None = None) -> int:
-        """Train until the schedule ends (or ``max_steps`` more steps); returns steps taken."""
-        taken = 0
-        for batch in batches:
-            if self.done or (max_steps is not None and taken >= max_steps):
-                break
-            metrics = self.train_step(batch)
-            taken += 1
-            if on_step is not None:
-                on_step(self, metrics)
-        return taken

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "the group; each resize restarts it from the latest checkpoint (default: 60)")
     parser.add_argument("--no-evaluate", action="store_true",
                         help="skip the final evaluation beside classical methods")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's own INFO messages and core log lines, as Ray prints them")
     return parser
 
 
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers, gpu=args.gpu, max_failures=args.max_failures,
             storage_options=parse_storage_options(args.storage_option), cpus_per_worker=args.cpus_per_worker,
             resource_timeout_s=args.resource_timeout, resize_interval_s=args.resize_interval,
-            evaluate=not args.no_evaluate, default_data=DEFAULT_DATA)
+            evaluate=not args.no_evaluate, verbose=args.verbose, default_data=DEFAULT_DATA)
         summary = run_training(request)
     except (UserError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -79,6 +79,13 @@ def test_two_workers_train_all_phases_from_s3_to_s3_and_a_rerun_does_no_work(s3_
     first = run_train(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "run s3run: step 20, phase done" in first.stdout
+    # The console tells the run, not Ray's internals (cluster/console.py): rank 0's progress lines
+    # without Ray's prefixes, no per-rank TrainingReport dumps, no core log lines.
+    console = first.stdout + first.stderr
+    assert "TrainingReport(" not in console and "(RayTrainWorker" not in console, console[-3000:]
+    assert not re.search(r"\] [\w/.-]+\.cc:\d+:", console), console[-3000:]
+    assert re.search(r"^step 20/20 \(100%\) joint \| .*g_adv=.* img/s \| ETA \S+$", first.stdout, re.M), first.stdout
+    assert re.search(r"^checkpoint checkpoint_000000020 saved \(step 20, phase done\)$", first.stdout, re.M)
 
     fs = s3fs.S3FileSystem()
     run_root = f"{s3_bucket[5:]}/runs/s3run"

@@ -96,6 +96,7 @@ def test_digest_ignores_paths_and_logging_but_not_the_model():
     base = recipes.get("celeba")
     assert apply_overrides(base, ["data.url=s3://x/y", "log.every_steps=7"]).digest() == base.digest()
     assert apply_overrides(base, ["model.gen_width=32"]).digest() != base.digest()
+    assert apply_overrides(base, ["data.batch_size=4"]).digest() != base.digest()  # a resume may not change it
 
 
 @pytest.mark.parametrize("name", ["celeba", "lfw", "quickstart"])

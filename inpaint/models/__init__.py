@@ -21,7 +21,6 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "tiny": {"gen_width": 8, "disc_width": 8, "fc_features": 32},  # 0.11 M / 0.95 M (the debug recipe's widths)
 }
 # arch=glcic (the glcic recipe) at 160 / 96 px: 6.07 M / 39.6 M, GLCIC-PyTorch's counts.
-GENERATOR_WIDTHS: dict[str, int] = {name: size["gen_width"] for name, size in MODEL_SIZES.items()}
 
 
 def build_generator(model_cfg: ModelConfig) -> Generator:
@@ -46,7 +45,6 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = [
-    "GENERATOR_WIDTHS",
     "MODEL_SIZES",
     "ContextDiscriminator",
     "Generator",
