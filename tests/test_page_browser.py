@@ -40,7 +40,7 @@ from inpaint.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE = REPO / "cluster" / "web" / "index.html"
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 INSTALL = ("apt-get update && apt-get install -y chromium (Debian's package), "
@@ -258,4 +258,32 @@ def test_the_result_becomes_the_image_and_undo_brings_back_the_stroke(chromium, 
     assert page.locator("#download").get_attribute("aria-disabled") == "false"
     page.keyboard.press("Control+z")  # the fill itself is undoable: back to the original and its stroke
     assert page.evaluate(painted)
+    page.close()
+
+
+def test_a_large_photo_keeps_its_resolution_and_server_errors_show_as_one_line(chromium, page_url, tmp_path):
+    path = tmp_path / "large.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1500, 2400, 3), dtype=np.uint8)).save(path)
+    page = chromium.new_page(viewport={"width": 900, "height": 700})
+    page.goto(page_url)
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("#frame", state="visible")
+    assert page.evaluate("[document.getElementById('mask').width, document.getElementById('mask').height]") \
+        == [2400, 1500], "the mask is painted at the image's full resolution"
+    box = page.locator("#image").bounding_box()
+    assert box["width"] <= 900 and box["height"] <= 700, "the display is fitted to the window"
+    # Paint, then erase the same stroke with a wider eraser: the mask is empty and the server says so.
+    for key in ("b", "e"):
+        page.keyboard.press(key)
+        if key == "e":
+            page.keyboard.press("]")
+        page.mouse.move(box["x"] + 100, box["y"] + 100)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 200, box["y"] + 120, steps=5)
+        page.mouse.up()
+    page.click("#fill")
+    page.wait_for_function("document.getElementById('status').classList.contains('error')")
+    status = page.locator("#status").text_content()
+    assert status.startswith("error: ") and "no hole" in status and "\n" not in status, status
+    assert page.locator("#download").get_attribute("aria-disabled") == "true"
     page.close()
