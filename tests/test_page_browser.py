@@ -17,6 +17,7 @@ the real Ray Serve app instead (tests/serve_harness.py). To refresh the README's
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -47,6 +48,17 @@ INSTALL = ("apt-get update && apt-get install -y chromium (Debian's package), "
            "and pip install -e '.[test]' (playwright)")
 
 pytestmark = pytest.mark.slow
+
+# Whether any mask pixel is painted (read back from the page's full-resolution mask canvas).
+PAINTED = ("(() => { const c = document.getElementById('mask');"
+           " return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some((v, i) => i % 4 === 3 && v > 0); })()")
+# A DataTransfer holding one PNG file, built in the page: what a drop or a paste delivers.
+FILE_TRANSFER = """async ([b64, name]) => {
+    const blob = await (await fetch('data:image/png;base64,' + b64)).blob();
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([blob], name, {type: 'image/png'}));
+    return transfer;
+}"""
 
 
 def _browser_or_reason() -> str | None:
@@ -243,8 +255,7 @@ def test_the_result_becomes_the_image_and_undo_brings_back_the_stroke(chromium, 
     page.mouse.down()
     page.mouse.move(box["x"] + 120, box["y"] + 60, steps=5)
     page.mouse.up()
-    painted = "document.getElementById('mask').getContext('2d').getImageData(0, 0, 320, 320).data" \
-              ".some((v, i) => i % 4 === 3 && v > 0)"
+    painted = PAINTED
     assert page.evaluate(painted)
     page.keyboard.press("Control+z")
     assert not page.evaluate(painted) and page.locator("#fill").is_disabled()
@@ -287,3 +298,50 @@ def test_a_large_photo_keeps_its_resolution_and_server_errors_show_as_one_line(c
     assert status.startswith("error: ") and "no hole" in status and "\n" not in status, status
     assert page.locator("#download").get_attribute("aria-disabled") == "true"
     page.close()
+
+
+
+def test_open_by_drop_and_paste_paint_by_touch_and_hold_to_see_the_original(chromium, page_url, tmp_path):
+    def png(width: int, height: int, seed: int) -> str:
+        out = io.BytesIO()
+        pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(out, format="PNG")
+        return base64.b64encode(out.getvalue()).decode()
+
+    context = chromium.new_context(viewport={"width": 800, "height": 600}, has_touch=True)
+    page = context.new_page()
+    page.goto(page_url)
+    size = "[document.getElementById('image').width, document.getElementById('image').height]"
+
+    dropped = page.evaluate_handle(FILE_TRANSFER, [png(120, 80, 1), "dropped.png"])
+    page.dispatch_event("#stage", "drop", {"dataTransfer": dropped})
+    page.wait_for_function(f"{size}[0] === 120")
+    assert page.evaluate(size) == [120, 80] and "dropped" in page.locator("#status").text_content()
+
+    pasted = page.evaluate_handle(FILE_TRANSFER, [png(64, 96, 2), "clipboard.png"])
+    page.evaluate("(transfer) => window.dispatchEvent(new ClipboardEvent('paste', {clipboardData: transfer}))", pasted)
+    page.wait_for_function(f"{size}[0] === 64")
+    assert page.evaluate(size) == [64, 96] and not page.evaluate(PAINTED)
+
+    # A finger drags across the image: Chromium turns the touch events into pointer events.
+    box = page.locator("#image").bounding_box()
+    x, y = box["x"] + box["width"] / 3, box["y"] + box["height"] / 2
+    cdp = context.new_cdp_session(page)
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x, "y": y}]})
+    for step in range(1, 6):
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": x + 12 * step, "y": y}]})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    page.wait_for_function(PAINTED)
+    assert page.locator("#undo").is_enabled() and page.locator("#fill").is_enabled()
+
+    hidden = "getComputedStyle(document.getElementById('mask')).visibility === 'hidden'"
+    page.keyboard.down(" ")
+    assert page.evaluate(hidden), "holding Space shows the original without the mask"
+    page.keyboard.up(" ")
+    assert not page.evaluate(hidden)
+    page.hover("#compare")
+    page.mouse.down()
+    assert page.evaluate(hidden), "holding the Original button shows the original"
+    page.mouse.up()
+    assert not page.evaluate(hidden)
+    context.close()
