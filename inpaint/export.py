@@ -117,7 +117,6 @@ def _require(module: str, why: str):
 def _save_onnx(model: Completion, example: tuple[torch.Tensor, torch.Tensor], path: str,
                meta: dict[str, Any]) -> None:
     onnx = _require("onnx", "--format onnx")
-    _require("onnxscript", "--format onnx")  # torch's exporter builds the graph with it
     dim = torch.export.Dim
     batch = dim("batch", min=1, max=1024)
     # H = 4 h, W = 4 w: the graph states the multiple-of-4 rule, so the generator's check holds symbolically.
@@ -164,6 +163,9 @@ def export(checkpoint: str, fmt: str, output: str | Path) -> ExportReport:
     """Write the completion model of ``checkpoint`` (a checkpoint or run folder) to ``output``."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: choose {' or '.join(FORMATS)}")
+    if fmt == "onnx":  # before any work: a missing package is the quickest thing to tell
+        _require("onnx", "--format onnx")
+        _require("onnxscript", "--format onnx")  # torch's exporter builds the graph with it
     output = str(output)
     if not storage.name(output) or output.endswith("/"):
         raise ExportError(f"{output}: name a file to write, not a folder")

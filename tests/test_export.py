@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -129,3 +132,34 @@ def test_bad_input_is_one_error_line_with_exit_2(case, message, checkpoint, tmp_
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], stderr
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_exports_to_object_storage(checkpoint, eager, s3_bucket):
+    from inpaint import storage
+
+    url = f"{s3_bucket}/models/inpaint.pt"
+    export(checkpoint, "torchscript", url)
+    assert storage.list_files(f"{s3_bucket}/models") == [url]  # the file only, no temporary beside it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = torch.jit.load(io.BytesIO(storage.read_bytes(url)))
+    image, mask = fresh_input(1, 36, 40)
+    with torch.no_grad():
+        assert_completes_like_eager(loaded(image, mask), image, mask, eager)
+
+
+def test_onnx_without_its_packages(checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # None in sys.modules makes the import fail
+    code = main(["export", "--checkpoint", checkpoint, "--format", "onnx", "--output", str(tmp_path / "m.onnx")])
+    assert code == 2 and "pip install 'inpaint[export]'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_onnx_without_onnxruntime_is_checked_by_the_onnx_checker_only(checkpoint, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnx", reason="onnx is in the test extra: pip install -e '.[test]'")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["export", "--checkpoint", checkpoint, "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 0
+    printed = capsys.readouterr().out
+    assert "onnx.checker only" in printed and "not compared" in printed, printed
+    assert (tmp_path / "m.onnx").is_file()
