@@ -161,8 +161,18 @@ def contract_server(inpainter: Inpainter, checkpoint: str) -> ThreadingHTTPServe
 
 @pytest.fixture(scope="module")
 def page_url(tmp_path_factory):
-    """The base URL of a server that serves the page and its API (swap in the Ray Serve app here)."""
+    """The base URL of a server that serves the page and its API.
+
+    By default the in-process server above; ``PAGE_SERVER=serve`` drives the real Ray Serve app
+    (tests/serve_harness.py, starts a local Ray) instead.
+    """
     checkpoint = os.environ.get("PAGE_CHECKPOINT") or debug_checkpoint(tmp_path_factory.mktemp("page-run"))
+    if os.environ.get("PAGE_SERVER") == "serve":
+        from tests.serve_harness import running_app
+
+        with running_app(checkpoint) as url:
+            yield url.rstrip("/") + "/"
+        return
     try:
         inpainter = Inpainter.from_checkpoint(checkpoint)
     except CheckpointError as exc:
