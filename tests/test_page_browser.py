@@ -213,6 +213,9 @@ def test_paint_fill_and_download_changes_only_the_painted_stroke(chromium, page_
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.on("requestfailed", lambda request: errors.append(f"request failed: {request.url}"))
+    elsewhere: list[str] = []  # the page works offline: nothing but its own server, data: and blob: URLs
+    page.on("request", lambda request: request.url.startswith((page_url, "data:", "blob:"))
+            or elsewhere.append(request.url))
     page.goto(page_url)
     page.wait_for_function("document.getElementById('model').textContent.includes('step')")
 
@@ -252,6 +255,7 @@ def test_paint_fill_and_download_changes_only_the_painted_stroke(chromium, page_
     assert not changed[outside].any(), f"{changed[outside].sum()} px outside the stroke changed"
     assert changed.sum() <= (distance <= brush / 2 + 1.5).sum()
     assert not errors, errors
+    assert not elsewhere, elsewhere
 
 
 def test_the_result_becomes_the_image_and_undo_brings_back_the_stroke(chromium, page_url, photo):
@@ -355,3 +359,30 @@ def test_open_by_drop_and_paste_paint_by_touch_and_hold_to_see_the_original(chro
     page.mouse.up()
     assert not page.evaluate(hidden)
     context.close()
+
+
+@pytest.mark.parametrize("status, headers, body, shown", [
+    (503, {"Retry-After": "3"}, '{"error": "too many requests queued"}',
+     "error: too many requests queued (busy: try again in 3 s)"),
+    (413, {}, '{"error": "request body is over the limit of 67,108,864 bytes"}',
+     "error: request body is over the limit of 67,108,864 bytes"),
+    (502, {}, "<html>bad gateway</html>", "error: the server answered 502"),
+])
+def test_server_refusals_show_as_one_line_and_fill_can_be_retried(chromium, page_url, photo, status, headers,
+                                                                  body, shown):
+    page = chromium.new_page(viewport={"width": 800, "height": 600})
+    page.route("**/v1/inpaint", lambda route: route.fulfill(status=status, headers=headers, body=body,
+                                                            content_type="application/json"))
+    page.goto(page_url)
+    page.set_input_files("#file", str(photo[0]))
+    page.wait_for_selector("#frame", state="visible")
+    box = page.locator("#image").bounding_box()
+    page.mouse.move(box["x"] + 50, box["y"] + 50)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 90, box["y"] + 70, steps=3)
+    page.mouse.up()
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.getElementById('status').classList.contains('error')")
+    assert page.locator("#status").text_content() == shown
+    assert page.locator("#fill").is_enabled(), "the stroke is kept: Fill can be pressed again"
+    page.close()
