@@ -22,6 +22,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import threading
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -71,15 +72,20 @@ def _browser_or_reason() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def chromium():
-    """A headless Debian Chromium through Playwright; fails under CI when missing, skips elsewhere."""
+def require_browser() -> None:
+    """Nothing when Playwright and Chromium are here; else fail under CI (``CI`` set) and skip elsewhere."""
     reason = _browser_or_reason()
     if reason:
         message = f"{reason}: {INSTALL}"
         if os.environ.get("CI"):
             pytest.fail(f"CI runs the browser test: {message}", pytrace=False)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """A headless Debian Chromium through Playwright (see :func:`require_browser`)."""
+    require_browser()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -88,6 +94,16 @@ def chromium():
             yield browser
         finally:
             browser.close()
+
+
+def test_a_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", str(tmp_path / "no-chromium"))
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI runs the browser test: no Chromium at .*apt-get"):
+        require_browser()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y chromium"):
+        require_browser()
 
 
 # ---------------------------------------------------------------- the server the page talks to
