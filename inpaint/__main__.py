@@ -2,6 +2,7 @@
 
     inpaint fill --checkpoint runs/celeba-v1 --image face.jpg --mask hole.png --output filled.png
     inpaint fill --checkpoint s3://b/runs/celeba-v1 --image photos/ --box 40,40,64,64 --output filled/
+    inpaint export --checkpoint runs/celeba-v1 --format onnx --output inpaint.onnx
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ Masks are images of the same size where WHITE marks the hole: a pixel whose grey
 JPEG would re-encode them). Any image size works: the network sees a square window around the
 hole (twice the hole's longer side, at least the checkpoint's image size), the scale it was
 trained at; a window over --max-pixels is refused."""
+
+EXPORT_HELP = """Write a checkpoint's generator as one file that runs without this package.
+
+The file maps image (N, 3, H, W) float in [0, 1] and mask (N, 1, H, W), 1 = hole (white in mask
+PNGs), to the completed image (known pixels kept); H and W multiples of 4. It is checked against
+the eager model on random inputs before it appears (details: inpaint/export.py)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--max-pixels", type=positive_int, default=None, metavar="N",
                       help="the largest window around a hole filled at once (default 4194304, 2048x2048: "
                            "about 4 GiB with the paper's generator); larger windows are refused")
+    export = commands.add_parser("export", help="write the generator as one TorchScript or ONNX file",
+                                 description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("--checkpoint", required=True,
+                        help="checkpoint folder, or a run folder (its latest checkpoint); local or s3://")
+    export.add_argument("--format", required=True, choices=("torchscript", "onnx"))
+    export.add_argument("--output", required=True, help="the file to write (local or s3://)")
     return parser
 
 
@@ -153,11 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from inpaint.baselines import BaselineError
     from inpaint.checkpoint import CheckpointError
+    from inpaint.export import ExportError
     from inpaint.inference import InpaintError
 
     try:
-        fill(args)
-    except (InpaintError, CheckpointError, BaselineError) as exc:
+        if args.command == "export":
+            from inpaint.export import run as export
+            export(args)
+        else:
+            fill(args)
+    except (InpaintError, CheckpointError, BaselineError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # an unwritable output path
