@@ -1,0 +1,78 @@
+"""Serve a trained model over HTTP (Ray Serve): the painting page, the API and its docs.
+
+    python jobs/serve.py                                           # the quick start's run, newest checkpoint
+    python jobs/serve.py --checkpoint s3://b/runs/celeba-v1 --follow best --gpu --replicas 2 --port 8000
+
+Prints the page's URL and serves until Ctrl-C. --follow moves every replica to each newer loadable
+checkpoint of the run (or to the best evaluated one) without failing a request in flight. The same
+app runs under `serve run cluster.serve:app_builder checkpoint=URL` or a Serve config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
+
+from inpaint.cli import OneLineParser, positive_float, positive_int  # noqa: E402  (light: no torch)
+
+DEFAULT_RUN = "runs/quickstart-sample"  # jobs/train.py's default --storage and --name with no arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=None,
+                        help=f"checkpoint folder or run folder (its newest loadable); local or s3:// (default: {DEFAULT_RUN})")
+    parser.add_argument("--follow", nargs="?", const="newest", choices=("newest", "best"),
+                        help="move to each newer checkpoint of the run (newest) or to the best evaluated one (best)")
+    parser.add_argument("--follow-interval", type=positive_float, default=30.0, metavar="SECONDS",
+                        help="how often --follow looks at the run (default: 30)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 to share)")
+    parser.add_argument("--port", type=number_port, default=8000, help="HTTP port (default: 8000)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per replica")
+    parser.add_argument("--replicas", type=positive_int, default=1, help="model replicas (default: 1)")
+    parser.add_argument("--max-pixels", type=positive_int, default=None, metavar="N",
+                        help="the largest window around a hole filled at once (default 4194304, 2048x2048)")
+    return parser
+
+
+def number_port(text: str) -> int:
+    from inpaint.cli import number_type
+
+    return number_type(int, low=1, high=65535)(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from inpaint.checkpoint import CheckpointError
+    from inpaint.run_folder import locate_checkpoints
+    from inpaint.storage import StorageError
+
+    url = args.checkpoint or DEFAULT_RUN
+    try:
+        locate_checkpoints(url)  # a missing run is one line here, not a failed replica later
+    except (CheckpointError, StorageError) as exc:
+        hint = "; train one first: python jobs/train.py" if args.checkpoint is None else ""
+        print(f"error: {exc}{hint}", file=sys.stderr)
+        return 2
+    from cluster.serve_runtime import ServeError, serve_forever
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve_forever(url, follow=args.follow, follow_interval_s=args.follow_interval, host=args.host,
+                      port=args.port, gpu=args.gpu, replicas=args.replicas, max_pixels=args.max_pixels,
+                      stop=stop, announce=lambda line: print(line, flush=True))
+    except ServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
