@@ -211,16 +211,20 @@ class CheckpointFollower:
     """Which checkpoint of a run to serve next: the newest loadable one, or (``best``) the best evaluated one.
 
     ``poll()`` returns a newly loaded model when there is one to move to, else None. A checkpoint
-    that fails to verify or load is logged once and never tried again (nor served).
+    that fails to verify or load is logged and skipped, never served; it is tried again at the next
+    polls (a checkpoint still being uploaded file by file can show its meta.json before its weights)
+    and given up after ``attempts`` failures.
     """
 
     def __init__(self, run_url: str, mode: str, current_url: str, *,
-                 load: Callable[[str], LoadedModel] | None = None):
+                 load: Callable[[str], LoadedModel] | None = None, attempts: int = 3):
         if mode not in FOLLOW_MODES:
             raise ValueError(f"follow mode must be one of {FOLLOW_MODES}, got {mode!r}")
         self.run_url, self.mode, self.current_url = run_url, mode, current_url
         self.load = load or load_model
         self.rejected: set[str] = set()
+        self.failures: dict[str, int] = {}
+        self.attempts = attempts
         self._current_score = best_score(evaluation_figures(current_url)) if mode == "best" else None
 
     def candidates(self) -> list[str]:
@@ -245,8 +249,12 @@ class CheckpointFollower:
             try:
                 model = self.load(url)
             except CheckpointError as exc:
-                log.warning("follow: skipping %s, it does not load: %s", storage.name(url), exc)
-                self.rejected.add(url)
+                self.failures[url] = self.failures.get(url, 0) + 1
+                final = self.failures[url] >= self.attempts
+                log.warning("follow: skipping %s (%s): %s", storage.name(url),
+                            "given up" if final else f"failure {self.failures[url]} of {self.attempts}", exc)
+                if final:
+                    self.rejected.add(url)
                 continue
             except storage.StorageError as exc:
                 log.warning("follow: cannot read %s (%s); will retry", storage.name(url), exc)
