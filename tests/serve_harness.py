@@ -15,6 +15,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def free_port() -> int:
     with socket.socket() as sock:

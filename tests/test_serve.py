@@ -338,3 +338,46 @@ def test_follow_moves_to_a_new_checkpoint_while_requests_run_and_none_fails(app,
     assert "checkpoint_000000002" in answers and "checkpoint_000000003" in answers
     assert "checkpoint_000000004" not in answers
     assert requests.get(f"{base}/v1/model", timeout=30).json()["step"] == 3
+
+
+# ------------------------------------------------------------------ jobs/serve.py
+def test_serve_job_without_a_run_says_to_train_first(tmp_path, monkeypatch):
+    from tests.cli_harness import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    run_cli("serve").assert_one_line_error(r"runs/quickstart-sample.*python jobs/train\.py")
+    run_cli("serve", "--checkpoint", str(tmp_path / "nothing")).assert_one_line_error("no such checkpoint")
+    run_cli("serve", "--follow", "oldest").assert_one_line_error("invalid choice")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_serve_job_serves_until_ctrl_c_and_exits_0(checkpoints, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import requests
+
+    from tests.serve_harness import REPO, free_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "jobs/serve.py", "--checkpoint", str(checkpoints), "--port", str(port)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("serving "):
+                break
+        assert f"http://127.0.0.1:{port}/" in lines[-1], "".join(lines)[-3000:]
+        assert requests.get(f"http://127.0.0.1:{port}/v1/model", timeout=30).json()["step"] == 4
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=120)
+        assert process.returncode == 0, rest[-3000:]
+        assert "Traceback" not in rest, rest[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
