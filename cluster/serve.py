@@ -60,12 +60,15 @@ class ServeOptions:
     concurrency: int = 1  # fills at once per replica (measured: >1 gains nothing on CPU, benchmarks/RESULTS.md)
     queue: int = 16  # requests a replica holds waiting beyond `concurrency`; more get 503
     max_body_bytes: int = MAX_BODY_BYTES
+    cpus: int = 1  # CPUs a replica reserves, and torch's threads in it (benchmarks/RESULTS.md, "Serving")
 
     def __post_init__(self) -> None:
         if self.follow not in (None, *FOLLOW_MODES):
             raise ValueError(f"follow must be one of {', '.join(FOLLOW_MODES)}, got {self.follow!r}")
-        if self.concurrency < 1 or self.queue < 0 or self.max_body_bytes < 1 or self.follow_interval_s <= 0:
-            raise ValueError("concurrency >= 1, queue >= 0, max_body_bytes >= 1 and follow_interval_s > 0 are required")
+        if (self.concurrency < 1 or self.queue < 0 or self.max_body_bytes < 1 or self.follow_interval_s <= 0
+                or self.cpus < 1):
+            raise ValueError("concurrency >= 1, queue >= 0, max_body_bytes >= 1, follow_interval_s > 0 and cpus >= 1 "
+                             "are required")
 
 
 class Admission:
@@ -229,7 +232,10 @@ class InpaintServer:
     """One replica: a model slot, the request service around it, and (with follow) the thread that moves it on."""
 
     def __init__(self, options: dict[str, Any]):
+        import torch
+
         self.options = ServeOptions(**options)
+        torch.set_num_threads(self.options.cpus)  # Ray sets OMP_NUM_THREADS from num_cpus; say it to torch too
         model = load_model(self.options.checkpoint, self.options.device, self.options.max_pixels)
         self.slot = ModelSlot(model)
         self.service = InpaintService(self.slot)
@@ -295,7 +301,7 @@ class InpaintServer:
 
 def build_app(options: ServeOptions, *, replicas: int = 1, gpu: bool = False):
     """The bound application for ``serve.run``."""
-    actor = {"num_gpus": 1} if gpu else {"num_cpus": 1}
+    actor = {"num_gpus": 1, "num_cpus": options.cpus} if gpu else {"num_cpus": options.cpus}
     return InpaintServer.options(num_replicas=replicas, ray_actor_options=actor).bind(asdict(options))
 
 
@@ -308,7 +314,7 @@ def app_builder(args: dict[str, Any]):
     if gpu:
         args.setdefault("device", "cuda")
     for name, kind in (("follow_interval_s", float), ("max_pixels", int), ("concurrency", int), ("queue", int),
-                       ("max_body_bytes", int)):
+                       ("max_body_bytes", int), ("cpus", int)):
         if args.get(name) is not None:
             args[name] = kind(args[name])
     if args.get("follow") in ("", "none", "None"):
