@@ -26,6 +26,7 @@ import binascii
 import html
 import json
 import logging
+import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -307,8 +308,10 @@ def build_app(options: ServeOptions, *, replicas: int = 1, gpu: bool = False):
 
 def app_builder(args: dict[str, Any]):
     """``serve run cluster.serve:app_builder key=value ...`` and a config file's ``args``: ServeOptions fields,
-    plus ``replicas`` and ``gpu``."""
+    plus ``replicas`` and ``gpu``; ``$VAR`` in ``checkpoint`` is expanded from the environment."""
     args = dict(args)
+    if isinstance(args.get("checkpoint"), str):  # a RayService config names the bucket as $INPAINT_BUCKET
+        args["checkpoint"] = os.path.expandvars(args["checkpoint"])
     replicas = int(args.pop("replicas", 1))
     gpu = str(args.pop("gpu", False)).lower() in ("true", "1", "yes")
     if gpu:
