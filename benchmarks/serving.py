@@ -88,14 +88,14 @@ def load(base: str, body: tuple[bytes, bytes], clients: int, seconds: float) -> 
             "n": len(latencies), "refused": refused[0]}
 
 
-def cli_fill_s(checkpoint: Path, body: tuple[bytes, bytes], folder: Path) -> float:
+def cli_fill_s(checkpoint: Path, body: tuple[bytes, bytes], folder: Path, gpu: bool) -> float:
     """Wall time of one `python -m inpaint fill` on the same image: process start, load, fill, write."""
     (folder / "image.png").write_bytes(body[0])
     (folder / "mask.png").write_bytes(body[1])
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "inpaint", "fill", "--checkpoint", str(checkpoint), "--image",
                     str(folder / "image.png"), "--mask", str(folder / "mask.png"), "--output",
-                    str(folder / "out.png"), "--device", "cpu"], check=True, cwd=REPO, capture_output=True)
+                    str(folder / "out.png"), "--device", "cuda" if gpu else "cpu"], check=True, cwd=REPO, capture_output=True)
     return time.perf_counter() - start
 
 
@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs (torch threads) per replica (default: 2)")
     parser.add_argument("--concurrency", type=int, default=1, help="fills at once per replica (default: 1)")
+    parser.add_argument("--batch", type=int, default=1, help="@serve.batch size; >1 needs --concurrency >= it")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per replica (its defaults: batch 8, concurrency 8)")
     args = parser.parse_args()
 
     import socket
@@ -118,16 +120,18 @@ def main() -> None:
         tmp = Path(tmp)
         checkpoint = make_checkpoint(tmp / "run")
         bodies = {size: request_body(size) for size in SIZES}
-        cli = {size: cli_fill_s(checkpoint, bodies[size], tmp) for size in SIZES}
-        print(f"# {args.replicas} replica(s) x {args.cpus} CPU(s), concurrency {args.concurrency}, "
+        cli = {size: cli_fill_s(checkpoint, bodies[size], tmp, args.gpu) for size in SIZES}
+        print(f"# {args.replicas} replica(s) x {args.cpus} CPU(s), concurrency {args.concurrency}, batch {args.batch}, "
+              f"{'GPU, ' if args.gpu else ''}"
               f"{args.seconds:g} s per cell, load average {load_average()}")
         print("| image | clients | requests/s | p50 ms | p99 ms | served | refused (503) | one `inpaint fill` call, s |")
         print("|---|---|---|---|---|---|---|---|")
         with socket.socket() as probe:  # a free port, not Serve's 8000
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        base = start_app(str(checkpoint), port=port, replicas=args.replicas, cpus=args.cpus,
-                         concurrency=args.concurrency, queue=32)
+        options = {"concurrency": args.concurrency, "batch": args.batch} if not args.gpu else {}
+        base = start_app(str(checkpoint), port=port, replicas=args.replicas, cpus=args.cpus, gpu=args.gpu,
+                         queue=32, **options)
         try:
             for size in SIZES:
                 load(base, bodies[size], 1, 1.0)  # warm-up: first calls pay allocator and oneDNN set-up

@@ -23,12 +23,13 @@ finish on the model they started with, none is dropped.
 import asyncio
 import base64
 import binascii
+import copy
 import html
 import json
 import logging
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +63,14 @@ class ServeOptions:
     queue: int = 16  # requests a replica holds waiting beyond `concurrency`; more get 503
     max_body_bytes: int = MAX_BODY_BYTES
     cpus: int = 1  # CPUs a replica reserves, and torch's threads in it (benchmarks/RESULTS.md, "Serving")
+    batch: int = 1  # >1: same-size windows of concurrent requests go through the generator together (@serve.batch)
 
     def __post_init__(self) -> None:
         if self.follow not in (None, *FOLLOW_MODES):
             raise ValueError(f"follow must be one of {', '.join(FOLLOW_MODES)}, got {self.follow!r}")
         if (self.concurrency < 1 or self.queue < 0 or self.max_body_bytes < 1 or self.follow_interval_s <= 0
-                or self.cpus < 1):
-            raise ValueError("concurrency >= 1, queue >= 0, max_body_bytes >= 1, follow_interval_s > 0 and cpus >= 1 "
+                or self.cpus < 1 or self.batch < 1):
+            raise ValueError("concurrency >= 1, queue >= 0, max_body_bytes >= 1, follow_interval_s > 0, cpus >= 1 and batch >= 1 "
                              "are required")
 
 
@@ -226,6 +228,38 @@ async def unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, f"internal error ({type(exc).__name__})")
 
 
+class BatchedGenerator:
+    """Stands in for an Inpainter's generator: each call (from a request's worker thread) joins a @serve.batch.
+
+    The window logic stays :meth:`Inpainter.fill_array`'s; only the network call is pooled. A batch
+    groups windows of the same shape and of the same model (a follow swap may land between two requests).
+    """
+
+    def __init__(self, server: "InpaintServer", generator):
+        self.server, self.generator = server, generator
+
+    def __call__(self, pixels, known):
+        return asyncio.run_coroutine_threadsafe(self.server.generate((self.generator, pixels, known)),
+                                                self.server.loop).result()
+
+
+def run_batch(items: list) -> list:
+    """The generator's output for each (generator, pixels, known), same-shape windows stacked into one call."""
+    import torch
+
+    groups: dict[tuple, list[int]] = {}
+    for index, (generator, pixels, _) in enumerate(items):
+        groups.setdefault((id(generator), tuple(pixels.shape)), []).append(index)
+    results: list = [None] * len(items)
+    with torch.no_grad():
+        for indices in groups.values():
+            generator = items[indices[0]][0]
+            output = generator(torch.cat([items[i][1] for i in indices]), torch.cat([items[i][2] for i in indices]))
+            for row, index in enumerate(indices):
+                results[index] = output[row:row + 1]
+    return results
+
+
 @serve.deployment(max_ongoing_requests=64, max_queued_requests=256, health_check_period_s=10,
                   graceful_shutdown_timeout_s=60)
 @serve.ingress(api)
@@ -237,7 +271,10 @@ class InpaintServer:
 
         self.options = ServeOptions(**options)
         torch.set_num_threads(self.options.cpus)  # Ray sets OMP_NUM_THREADS from num_cpus; say it to torch too
-        model = load_model(self.options.checkpoint, self.options.device, self.options.max_pixels)
+        self.loop = None  # the replica's event loop, known from the first request (batching needs it)
+        if self.options.batch > 1:
+            self.generate.set_max_batch_size(self.options.batch)
+        model = self.load(self.options.checkpoint)
         self.slot = ModelSlot(model)
         self.service = InpaintService(self.slot)
         self.admission = Admission(self.options.concurrency, self.options.queue)
@@ -245,9 +282,22 @@ class InpaintServer:
         if self.options.follow:
             self.follower = CheckpointFollower(
                 run_folder_of(model.checkpoint_url), self.options.follow, model.checkpoint_url,
-                load=lambda url: load_model(url, self.options.device, self.options.max_pixels))
+                load=self.load)
             threading.Thread(target=self._follow, name="follow", daemon=True).start()
         log.info("serving %s", model.checkpoint_url)
+
+    def load(self, url: str):
+        """A checkpoint's model; with batching, a copy of its Inpainter whose generator calls join a batch."""
+        model = load_model(url, self.options.device, self.options.max_pixels)
+        if self.options.batch == 1:
+            return model
+        inpainter = copy.copy(model.inpainter)
+        inpainter.generator = BatchedGenerator(self, model.inpainter.generator)
+        return replace(model, inpainter=inpainter)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def generate(self, items: list) -> list:
+        return await asyncio.to_thread(run_batch, items)
 
     def _follow(self) -> None:
         while not self._stop.wait(self.options.follow_interval_s):
@@ -276,6 +326,7 @@ class InpaintServer:
         else:
             fields = await parse_multipart(request.headers, body, self.options.max_body_bytes)
         del body
+        self.loop = self.loop or asyncio.get_running_loop()
         async with self.admission:
             data, media_type = await asyncio.to_thread(
                 self.service.answer, fields["image"], fields["mask"],
@@ -300,6 +351,14 @@ class InpaintServer:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
 
+GPU_DEFAULTS = {"device": "cuda", "batch": 8, "concurrency": 8}  # not yet measured on a GPU (none lent): see RESULTS
+
+
+def with_gpu_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    """A GPU replica batches same-size windows of up to 8 requests at once, unless told otherwise."""
+    return {**GPU_DEFAULTS, **options}
+
+
 def build_app(options: ServeOptions, *, replicas: int = 1, gpu: bool = False):
     """The bound application for ``serve.run``."""
     actor = {"num_gpus": 1, "num_cpus": options.cpus} if gpu else {"num_cpus": options.cpus}
@@ -315,9 +374,9 @@ def app_builder(args: dict[str, Any]):
     replicas = int(args.pop("replicas", 1))
     gpu = str(args.pop("gpu", False)).lower() in ("true", "1", "yes")
     if gpu:
-        args.setdefault("device", "cuda")
+        args = with_gpu_defaults(args)
     for name, kind in (("follow_interval_s", float), ("max_pixels", int), ("concurrency", int), ("queue", int),
-                       ("max_body_bytes", int), ("cpus", int)):
+                       ("max_body_bytes", int), ("cpus", int), ("batch", int)):
         if args.get(name) is not None:
             args[name] = kind(args[name])
     if args.get("follow") in ("", "none", "None"):

@@ -9,7 +9,7 @@ import urllib.request
 from typing import Callable
 
 from cluster.ray_runtime import ensure_ray
-from cluster.serve import ServeOptions, build_app
+from cluster.serve import ServeOptions, build_app, with_gpu_defaults
 
 APP_NAME = "inpaint"
 log = logging.getLogger("inpaint.serve")
@@ -33,7 +33,7 @@ def start_app(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, gpu
 
     ensure_ray()
     if gpu:
-        options.setdefault("device", "cuda")
+        options = with_gpu_defaults(options)
     app = build_app(ServeOptions(checkpoint=checkpoint, **options), replicas=replicas, gpu=gpu)
     try:
         serve.start(http_options={"host": host, "port": port})

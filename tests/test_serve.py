@@ -161,6 +161,37 @@ def test_decode_image_follows_exif_orientation():
     assert decode_image(buffer.getvalue(), "image", "RGB").size == (10, 20)
 
 
+def test_run_batch_stacks_same_shape_windows_of_one_model_and_answers_each_in_order(checkpoints):
+    import torch
+
+    from cluster.serve import run_batch
+
+    first, second = (Inpainter.from_checkpoint(str(checkpoints / f"checkpoint_00000000{step}")).generator
+                     for step in (2, 4))
+    calls = []
+
+    def counting(generator):
+        def call(pixels, known):
+            calls.append(pixels.shape[0])
+            return generator(pixels, known)
+        return call
+
+    first_counted, second_counted = counting(first), counting(second)
+    items = []
+    for index, (model, size) in enumerate([(first_counted, 32), (first_counted, 32), (second_counted, 32),
+                                           (first_counted, 36), (first_counted, 32)]):
+        pixels = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(index))
+        known = torch.ones(1, 1, size, size)
+        known[..., 8:20, 8:20] = 0
+        items.append((model, pixels, known))
+    results = run_batch(items)
+    assert sorted(calls) == [1, 1, 3]  # three 32 px windows of the first model went through together
+    with torch.no_grad():
+        for (model, pixels, known), result in zip(items, results):
+            single = (first if model is first_counted else second)(pixels, known)
+            assert torch.allclose(result, single, atol=1e-5)
+
+
 # ------------------------------------------------------------------ one real Serve app, over HTTP
 @pytest.fixture(scope="module")
 def app(checkpoints, tmp_path_factory):
@@ -170,7 +201,8 @@ def app(checkpoints, tmp_path_factory):
     for step in (1, 2):
         copy_checkpoint(checkpoints / f"checkpoint_{step:09d}", run / f"checkpoint_{step:09d}")
     shutil.copy(checkpoints / "config.json", run / "config.json")
-    with running_app(str(run), follow="newest", follow_interval_s=0.5, concurrency=1, queue=8,
+    # Batching on (as on a GPU) so that its path is what these tests drive: up to 4 fills at once, 5 more queued.
+    with running_app(str(run), follow="newest", follow_interval_s=0.5, concurrency=4, queue=5, batch=4,
                      max_body_bytes=2 * 2**20) as base:
         yield base, run
 
@@ -280,7 +312,7 @@ def test_http_concurrent_requests_never_mix_up_images(app, expected):
                      data={"blend": "false"})
         return check_answer(reply, image, mask, expected)
 
-    with ThreadPoolExecutor(8) as pool:  # 8 in flight: within the replica's 1 running + 8 queued
+    with ThreadPoolExecutor(8) as pool:  # 8 in flight: within the replica's 4 running + 5 queued
         list(pool.map(one, jobs))
 
 
