@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=number_port, default=8000, help="HTTP port (default: 8000)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per replica")
     parser.add_argument("--replicas", type=positive_int, default=1, help="model replicas (default: 1)")
+    parser.add_argument("--cpus", type=positive_int, default=None,
+                        help="CPUs (torch threads) per replica (default: this machine's CPUs / --replicas; 1 with --gpu)")
     parser.add_argument("--max-pixels", type=positive_int, default=None, metavar="N",
                         help="the largest window around a hole filled at once (default 4194304, 2048x2048)")
     return parser
@@ -61,12 +63,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from cluster.serve_runtime import ServeError, serve_forever
 
+    import os
+
+    cpus = args.cpus or (1 if args.gpu else max(1, (os.cpu_count() or 1) // args.replicas))
+    if not os.environ.get("RAY_ADDRESS") and args.replicas * cpus > (os.cpu_count() or 1):
+        # A local Ray has this machine's CPUs: replicas that do not fit would wait for them forever.
+        print(f"error: {args.replicas} replica(s) x {cpus} CPU(s) do not fit this machine's {os.cpu_count()} CPUs; "
+              "lower --replicas or --cpus", file=sys.stderr)
+        return 2
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         serve_forever(url, follow=args.follow, follow_interval_s=args.follow_interval, host=args.host,
-                      port=args.port, gpu=args.gpu, replicas=args.replicas, max_pixels=args.max_pixels,
+                      port=args.port, gpu=args.gpu, replicas=args.replicas, max_pixels=args.max_pixels, cpus=cpus,
                       stop=stop, announce=lambda line: print(line, flush=True))
     except ServeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -413,3 +413,13 @@ def test_serve_job_serves_until_ctrl_c_and_exits_0(checkpoints, tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_serve_job_refuses_replicas_that_do_not_fit_a_local_machine(checkpoints, monkeypatch):
+    import os
+
+    from tests.cli_harness import run_cli
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    too_many = str((os.cpu_count() or 1) + 1)
+    run_cli("serve", "--checkpoint", str(checkpoints), "--replicas", too_many).assert_one_line_error("do not fit")
