@@ -81,9 +81,6 @@ class Admission:
         self._slots = asyncio.Semaphore(running)
         self._running, self._waiting, self._limit = 0, 0, running + waiting
 
-    def __enter__(self):
-        raise TypeError("use `async with`")
-
     async def __aenter__(self):
         if self._waiting + self._running >= self._limit:
             raise RequestError(503, "too many requests queued; retry shortly")
