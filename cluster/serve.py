@@ -81,9 +81,12 @@ class Admission:
         self._slots = asyncio.Semaphore(running)
         self._running, self._waiting, self._limit = 0, 0, running + waiting
 
-    async def __aenter__(self):
+    def check(self) -> None:
         if self._waiting + self._running >= self._limit:
             raise RequestError(503, "too many requests queued; retry shortly")
+
+    async def __aenter__(self):
+        self.check()
         self._waiting += 1
         try:
             await self._slots.acquire()
@@ -317,6 +320,7 @@ class InpaintServer:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type not in ("multipart/form-data", "application/json"):
             raise RequestError(415, f"send multipart/form-data or application/json, not {content_type or 'nothing'}")
+        self.admission.check()  # refuse a burst before reading its bodies, not after
         body = await read_body(request, self.options.max_body_bytes)
         if content_type == "application/json":
             fields = parse_json(body)
@@ -325,11 +329,11 @@ class InpaintServer:
         del body
         self.loop = self.loop or asyncio.get_running_loop()
         async with self.admission:
-            data, media_type = await asyncio.to_thread(
+            answer = await asyncio.to_thread(
                 self.service.answer, fields["image"], fields["mask"],
                 blend=fields.get("blend", True), output_format=fields.get("format", "png"))
-        return Response(data, media_type=media_type,
-                        headers={"X-Checkpoint": self.slot.current.checkpoint_url.rsplit("/", 1)[-1]})
+        return Response(answer.data, media_type=answer.content_type,
+                        headers={"X-Checkpoint": answer.checkpoint_url.rstrip("/").rsplit("/", 1)[-1]})
 
     @api.get("/v1/model", summary="The model being served")
     async def model(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import re
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -30,7 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from inpaint import storage
 from inpaint.checkpoint import META_FILE, CheckpointError
 from inpaint.inference import Inpainter, InpaintError, hole_array, image_array
-from inpaint.run_folder import RunPaths, checkpoint_urls, run_of_checkpoint
+from inpaint.run_folder import checkpoint_urls, run_of_checkpoint
 
 log = logging.getLogger("inpaint.serve")
 
@@ -184,14 +184,20 @@ class ModelSlot:
         return old
 
 
+class Answer(NamedTuple):
+    data: bytes
+    content_type: str
+    checkpoint_url: str  # the model that answered: a follow swap may land while the request runs
+
+
 class InpaintService:
     """Answers one request: decode, validate, fill, encode. Thread-safe (the generator only reads its weights)."""
 
     def __init__(self, slot: ModelSlot):
         self.slot = slot
 
-    def answer(self, image: bytes, mask: bytes, *, blend: Any = True, output_format: Any = "png") -> tuple[bytes, str]:
-        """(encoded completion, content type), or a RequestError."""
+    def answer(self, image: bytes, mask: bytes, *, blend: Any = True, output_format: Any = "png") -> Answer:
+        """The encoded completion, its content type and the checkpoint that made it; or a RequestError."""
         output_format, blend = parse_format(output_format), parse_blend(blend)
         pixels = image_array(decode_image(image, "image", "RGB"))
         mask_image = decode_image(mask, "mask", "L")
@@ -201,7 +207,7 @@ class InpaintService:
             filled = model.inpainter.fill_array(pixels, hole, blend=blend)
         except InpaintError as exc:  # mask of another size, empty or full mask, window over max_pixels
             raise RequestError(422, str(exc)) from None
-        return encode_image(filled, output_format)
+        return Answer(*encode_image(filled, output_format), model.checkpoint_url)
 
     def model_info(self) -> dict[str, Any]:
         return self.slot.current.info()
@@ -271,5 +277,5 @@ def run_folder_of(url: str) -> str:
     return run_of_checkpoint(url).run if storage.isfile(storage.join(url, META_FILE)) else url
 
 
-__all__ = ["RequestError", "InpaintService", "ModelSlot", "LoadedModel", "CheckpointFollower", "load_model",
-           "decode_image", "encode_image", "FORMATS", "FIELDS", "FOLLOW_MODES", "RunPaths"]
+__all__ = ["Answer", "RequestError", "InpaintService", "ModelSlot", "LoadedModel", "CheckpointFollower", "load_model",
+           "decode_image", "encode_image", "FORMATS", "FIELDS", "FOLLOW_MODES"]

@@ -71,12 +71,12 @@ def service(checkpoints) -> InpaintService:
 # ------------------------------------------------------------------ the request service, no Ray
 def test_answer_fills_only_the_hole_and_returns_png_or_jpeg(service, checkpoints):
     image, mask = photo(40, 50, 0), hole_mask(40, 50, 10, 10, 12, 20)
-    data, content_type = service.answer(png(image), png(mask), blend=False, output_format="png")
-    assert content_type == "image/png"
+    data, content_type, checkpoint = service.answer(png(image), png(mask), blend=False, output_format="png")
+    assert content_type == "image/png" and checkpoint.endswith("checkpoint_000000002")
     filled = np.asarray(Image.open(io.BytesIO(data)))
     expected = Inpainter.from_checkpoint(str(checkpoints / "checkpoint_000000002")).fill_array(image, mask > 0)
     assert np.array_equal(filled, expected)
-    data, content_type = service.answer(png(image), png(mask), blend="true", output_format="JPG")
+    data, content_type, _ = service.answer(png(image), png(mask), blend="true", output_format="JPG")
     assert content_type == "image/jpeg" and Image.open(io.BytesIO(data)).format == "JPEG"
 
 
