@@ -423,3 +423,19 @@ def test_serve_job_refuses_replicas_that_do_not_fit_a_local_machine(checkpoints,
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     too_many = str((os.cpu_count() or 1) + 1)
     run_cli("serve", "--checkpoint", str(checkpoints), "--replicas", too_many).assert_one_line_error("do not fit")
+
+
+def test_a_run_in_s3_is_served_and_followed(checkpoints, s3_bucket):
+    from inpaint import storage
+
+    run = f"{s3_bucket}/runs/served"
+    storage.upload_dir(checkpoints / "checkpoint_000000001", f"{run}/checkpoint_000000001")
+    storage.put_file(checkpoints / "config.json", f"{run}/config.json")
+    service = InpaintService(ModelSlot(load_model(run)))
+    assert service.model_info()["checkpoint"] == f"{run}/checkpoint_000000001"
+    follower = CheckpointFollower(run, "newest", f"{run}/checkpoint_000000001")
+    assert follower.poll() is None
+    storage.upload_dir(checkpoints / "checkpoint_000000003", f"{run}/checkpoint_000000003")
+    service.slot.swap(follower.poll())
+    image, mask = photo(40, 50, 0), hole_mask(40, 50, 10, 10, 12, 20)
+    assert service.answer(png(image), png(mask)).checkpoint_url == f"{run}/checkpoint_000000003"
