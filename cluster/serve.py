@@ -12,8 +12,8 @@ with a status code (see ``STATUS`` in the README), never a traceback.
 The replica does the work itself (one deployment, FastAPI ingress): each replica runs at most
 ``concurrency`` fills at once (torch already uses every core for one on a CPU) and queues at most
 ``queue`` more; past that it answers 503 with Retry-After at once instead of letting a burst pile
-up. Serve's own ``max_queued_requests`` is the backstop (its 503 also carries Retry-After, but a
-plain-text body). ``follow``: a thread per replica polls the run (:class:`CheckpointFollower`)
+up. Serve's own ``max_queued_requests`` is the backstop (its 503 carries Retry-After as well, set
+through ``backpressure_config``, but a plain-text body). ``follow``: a thread per replica polls the run (:class:`CheckpointFollower`)
 and swaps the model in with one reference assignment (:class:`ModelSlot`): requests in flight
 finish on the model they started with, none is dropped.
 """
@@ -260,8 +260,11 @@ def run_batch(items: list) -> list:
     return results
 
 
-@serve.deployment(max_ongoing_requests=64, max_queued_requests=256, health_check_period_s=10,
-                  graceful_shutdown_timeout_s=60)
+# max_ongoing_requests: how many requests the router hands a replica; the replica's own Admission decides
+# what runs, waits or gets 503 (benchmarks/RESULTS.md, "Serving"). max_queued_requests is the backstop for
+# requests no replica takes; its 503 gets Retry-After too (backpressure_config), with Serve's plain-text body.
+@serve.deployment(max_ongoing_requests=64, max_queued_requests=256, backpressure_config={"retry_after_s": RETRY_AFTER_S},
+                  health_check_period_s=10, graceful_shutdown_timeout_s=60)
 @serve.ingress(api)
 class InpaintServer:
     """One replica: a model slot, the request service around it, and (with follow) the thread that moves it on."""
