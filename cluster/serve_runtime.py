@@ -26,11 +26,26 @@ def one_line(exc: BaseException) -> str:
     return (useful or lines or [type(exc).__name__])[-1][:500]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A local proxy that cannot bind its port does not fail: Serve retries it forever. So look first."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+
+
 def start_app(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, gpu: bool = False, replicas: int = 1,
               **options) -> str:
     """Deploy the app and wait until it answers; returns its base URL (``http://host:port``)."""
+    import os
+
     from ray import serve
 
+    if not os.environ.get("RAY_ADDRESS"):
+        check_port_free(host, port)
     ensure_ray()
     if gpu:
         options = with_gpu_defaults(options)

@@ -11,6 +11,7 @@ app runs under `serve run cluster.serve:app_builder checkpoint=URL` or a Serve c
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -51,19 +52,20 @@ def number_port(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from inpaint.checkpoint import CheckpointError
-    from inpaint.run_folder import locate_checkpoints
+    from inpaint.inference import InpaintError
+    from inpaint.serving import load_model
     from inpaint.storage import StorageError
 
     url = args.checkpoint or DEFAULT_RUN
     try:
-        locate_checkpoints(url)  # a missing run is one line here, not a failed replica later
-    except (CheckpointError, StorageError) as exc:
+        # Load it here once: a run without a loadable checkpoint is one line now, not replicas failing in Ray's
+        # logs later; and every replica starts on this same checkpoint (--follow moves on from it).
+        checkpoint = load_model(url).checkpoint_url
+    except (CheckpointError, InpaintError, StorageError) as exc:
         hint = "; train one first: python jobs/train.py" if args.checkpoint is None else ""
         print(f"error: {exc}{hint}", file=sys.stderr)
         return 2
     from cluster.serve_runtime import ServeError, serve_forever
-
-    import os
 
     cpus = args.cpus or (1 if args.gpu else max(1, (os.cpu_count() or 1) // args.replicas))
     if not os.environ.get("RAY_ADDRESS") and args.replicas * cpus > (os.cpu_count() or 1):
@@ -72,15 +74,17 @@ def main(argv: list[str] | None = None) -> int:
               "lower --replicas or --cpus", file=sys.stderr)
         return 2
     stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    previous = {number: signal.signal(number, lambda *_: stop.set()) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        serve_forever(url, follow=args.follow, follow_interval_s=args.follow_interval, host=args.host,
+        serve_forever(checkpoint, follow=args.follow, follow_interval_s=args.follow_interval, host=args.host,
                       port=args.port, gpu=args.gpu, replicas=args.replicas, max_pixels=args.max_pixels, cpus=cpus,
                       stop=stop, announce=lambda line: print(line, flush=True))
     except ServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     return 0
 
 

@@ -439,3 +439,24 @@ def test_a_run_in_s3_is_served_and_followed(checkpoints, s3_bucket):
     service.slot.swap(follower.poll())
     image, mask = photo(40, 50, 0), hole_mask(40, 50, 10, 10, 12, 20)
     assert service.answer(png(image), png(mask)).checkpoint_url == f"{run}/checkpoint_000000003"
+
+
+def test_serve_job_refuses_a_port_in_use_in_one_line(checkpoints):
+    import socket
+
+    from tests.cli_harness import run_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        run_cli("serve", "--checkpoint", str(checkpoints), "--port", port, "--cpus", "1").assert_one_line_error(
+            f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_serve_job_refuses_a_checkpoint_that_does_not_verify_before_starting_ray(checkpoints, tmp_path):
+    from tests.cli_harness import run_cli
+
+    shutil.copytree(checkpoints / "checkpoint_000000002", tmp_path / "checkpoint_000000002")
+    corrupt(tmp_path / "checkpoint_000000002")
+    run_cli("serve", "--checkpoint", str(tmp_path / "checkpoint_000000002")).assert_one_line_error("checkpoint_000000002")
