@@ -7,7 +7,7 @@
 Routes: ``POST /v1/inpaint`` (multipart or JSON), ``GET /v1/model``, ``GET /healthz``, ``GET /``
 (the page, cluster/web/index.html), ``GET /docs`` (an offline rendering of ``/openapi.json``:
 FastAPI's default Swagger page loads its scripts from a CDN). Every refusal is ``{"error": "..."}``
-with a status code (see ``STATUS`` in the README), never a traceback.
+with a status code (the table in the README's "Serve and share a model"), never a traceback.
 
 The replica does the work itself (one deployment, FastAPI ingress): each replica runs at most
 ``concurrency`` fills at once (torch already uses every core for one on a CPU) and queues at most

@@ -161,6 +161,7 @@ def test_decode_image_follows_exif_orientation():
     assert decode_image(buffer.getvalue(), "image", "RGB").size == (10, 20)
 
 
+@pytest.mark.slow  # importing Ray Serve and FastAPI takes ~10 s here
 def test_run_batch_stacks_same_shape_windows_of_one_model_and_answers_each_in_order(checkpoints):
     import torch
 
