@@ -36,9 +36,11 @@ K8S = REPO / "k8s"
 OVERLAYS = ("celeba", "lfw", "debug")
 GPU_OVERLAYS = {"celeba": True, "lfw": True, "debug": False}
 RAYCRONJOB_COMPONENT = K8S / "optional" / "raycronjob"
-CRD_DIR = REPO.parent / "shared" / "k8s" / "crds"  # KubeRay v1.7.0; a user's clone has no ../shared
+# KubeRay v1.7.0; a user's clone has no ../shared (KUBERAY_CRDS names another folder, e.g. from a worktree)
+CRD_DIR = Path(os.environ.get("KUBERAY_CRDS") or REPO.parent / "shared" / "k8s" / "crds")
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-             "RayCronJob": "ray.io_raycronjobs.yaml"}
+             "RayCronJob": "ray.io_raycronjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
+SERVE_COMPONENT = K8S / "optional" / "serve"
 KUBERNETES_VERSION = "1.30.0"  # the oldest the test dependency kubernetes-validate>=1.30 ships
 KUBECTL = shutil.which("kubectl")
 SECRET_LIKE = re.compile(r"SECRET|KEY|PASSWORD|TOKEN", re.IGNORECASE)
@@ -66,18 +68,28 @@ def builds() -> dict[str, list[dict[str, Any]]]:
     return {name: kustomize(K8S / "overlays" / name) for name in OVERLAYS}
 
 
-@pytest.fixture(scope="module")
-def raycronjob_build(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """The celeba overlay with the optional RayCronJob component, as a user would add it."""
+def overlay_with_component(root: Path, component_dir: Path) -> list[dict[str, Any]]:
+    """The celeba overlay with an optional component, as a user would add it."""
     if KUBECTL is None:
         pytest.skip("kubectl is not installed")
-    root = tmp_path_factory.mktemp("raycronjob")
     # kustomize refuses absolute paths to other kustomizations.
     overlay = os.path.relpath(K8S / "overlays" / "celeba", root)
-    component = os.path.relpath(RAYCRONJOB_COMPONENT, root)
+    component = os.path.relpath(component_dir, root)
     (root / "kustomization.yaml").write_text(
         f"namespace: inpaint-celeba\nresources: [{overlay}]\ncomponents: [{component}]\n")
     return kustomize(root)
+
+
+@pytest.fixture(scope="module")
+def raycronjob_build(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The celeba overlay with the optional RayCronJob component."""
+    return overlay_with_component(tmp_path_factory.mktemp("raycronjob"), RAYCRONJOB_COMPONENT)
+
+
+@pytest.fixture(scope="module")
+def serve_build(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The celeba overlay with the optional serving component (a RayService)."""
+    return overlay_with_component(tmp_path_factory.mktemp("serve"), SERVE_COMPONENT)
 
 
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")  # the names kustomize reads
@@ -141,6 +153,8 @@ def ray_cluster_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
         return [spec["rayClusterSpec"]] if "rayClusterSpec" in spec else []
     if doc["kind"] == "RayCronJob":
         return ray_cluster_specs({"kind": "RayJob", "spec": spec["jobTemplate"]})
+    if doc["kind"] == "RayService":
+        return [spec["rayClusterConfig"]]
     return []
 
 
@@ -664,14 +678,15 @@ RAY_HEAD_PORTS = {"dashboard": 8265, "client": 10001, "gcs-server": 6379}
 TENSORBOARD_PORT = 6006
 WRITABLE_VOLUMES = ("emptyDir", "ephemeral", "persistentVolumeClaim")
 BUILD_NAMES = [directory.relative_to(K8S).as_posix() for directory in kustomization_dirs()] \
-    + ["overlays/celeba+optional/raycronjob"]
+    + ["overlays/celeba+optional/raycronjob", "overlays/celeba+optional/serve"]
 
 
 @pytest.fixture(scope="module")
-def every_build(raycronjob_build) -> dict[str, list[dict[str, Any]]]:
-    """The output of every kustomization under k8s/, and of the celeba overlay with the RayCronJob component."""
+def every_build(raycronjob_build, serve_build) -> dict[str, list[dict[str, Any]]]:
+    """The output of every kustomization under k8s/, and of the celeba overlay with each optional component."""
     built = {directory.relative_to(K8S).as_posix(): kustomize(directory) for directory in kustomization_dirs()}
     built["overlays/celeba+optional/raycronjob"] = raycronjob_build
+    built["overlays/celeba+optional/serve"] = serve_build
     return built
 
 
@@ -954,12 +969,13 @@ def outside_sources(head_labels: dict[str, str]) -> list[Source]:
 
 @pytest.mark.parametrize("build", BUILD_NAMES)
 def test_dashboard_ray_ports_and_tensorboard_admit_only_the_namespace_and_the_operator(every_build, build):
+    if build.startswith("optional/"):
+        pytest.skip("a component alone lacks the base's policies; it is checked inside an overlay's build")
     docs = every_build[build]
     pods = deployed_pods(docs)
     heads = [pod for pod in pods if pod.ray_node == "head"]
     boards = [pod for pod in pods if any(c.get("command", [])[:1] == ["tensorboard"] for c in pod.spec["containers"])]
-    if build != "optional/raycronjob":
-        assert heads and boards, "every build of the system has Ray heads and TensorBoard"
+    assert heads and boards, "every build of the system has Ray heads and TensorBoard"
     operator = Source("the KubeRay operator", OPERATOR_NAMESPACE, OPERATOR_LABELS)
     for pod in heads + boards:
         ports = RAY_HEAD_PORTS.values() if pod.ray_node else [TENSORBOARD_PORT]
@@ -977,6 +993,8 @@ def test_dashboard_ray_ports_and_tensorboard_admit_only_the_namespace_and_the_op
 
 @pytest.mark.parametrize("build", BUILD_NAMES)
 def test_ray_nodes_of_a_cluster_reach_each_other_on_every_port(every_build, build):
+    if build.startswith("optional/"):
+        pytest.skip("a component alone lacks the base's policies; it is checked inside an overlay's build")
     docs = every_build[build]
     ray_pods = [pod for pod in deployed_pods(docs) if pod.ray_node]
     # GCS, dashboard, client, dashboard agent, object manager, node manager, a worker port, metrics
@@ -1042,3 +1060,77 @@ def test_ray_cluster_launcher_config_is_valid_and_uses_the_same_image():
     k8s_image = f"{image['newName']}:{image['newTag']}"
     assert config["docker"]["image"] == k8s_image, "`ray up` and Kubernetes should run the same image"
     assert IMAGE_TAG.match(k8s_image.rsplit(":", 1)[1])["ray"] == pinned_ray_version()
+
+
+# ---------------------------------------------------------------------------------------------
+# The optional serving component (a RayService)
+
+SERVE_PORT = 8000
+
+
+def serve_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The RayService's serveConfigV2, parsed."""
+    return yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
+
+
+def test_serve_component_matches_the_kuberay_crd(serve_build, kuberay_validators):
+    assert kuberay_errors(kuberay_validators, one(serve_build, "RayService")) == []
+
+
+def test_crd_validator_rejects_a_misspelled_rayservice_field(serve_build, kuberay_validators):
+    service = copy.deepcopy(one(serve_build, "RayService"))
+    service["spec"]["serveConfigV2s"] = service["spec"].pop("serveConfigV2")
+    assert any("serveConfigV2s" in error for error in kuberay_errors(kuberay_validators, service))
+
+
+def test_rayservice_serves_the_training_run_with_the_app_in_this_repo(serve_build, monkeypatch):
+    import cluster.serve
+
+    docs = serve_build
+    config = serve_config(docs)
+    [app] = config["applications"]
+    assert config["http_options"]["port"] == SERVE_PORT and config["http_options"]["host"] == "0.0.0.0"
+    assert app["import_path"] == "cluster.serve:app_builder" and app["route_prefix"] == "/"
+    # $INPAINT_BUCKET is expanded in the pods' environment: the ConfigMap every Ray pod loads.
+    head = one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    bucket = container_env(head, docs)["INPAINT_BUCKET"]
+    monkeypatch.setenv("INPAINT_BUCKET", bucket)
+    built = cluster.serve.app_builder(app["args"])  # the args build the app (unknown options raise)
+    options = built._bound_deployment.init_args[0]
+    _, train = training(docs)
+    assert options["checkpoint"] == f"{train.storage.rstrip('/')}/{train.name}".replace("${INPAINT_BUCKET:?}", bucket)
+    assert options["follow"] in ("newest", "best") and options["device"] == "cuda"
+    deployments = {d["name"]: d for d in app.get("deployments", [])}
+    assert set(deployments) <= {cluster.serve.InpaintServer.name}
+    replicas = deployments.get(cluster.serve.InpaintServer.name, {}).get("num_replicas", 1)
+    cluster_spec = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    gpu_slots = sum(group["maxReplicas"] * gpus(group["template"]["spec"]["containers"][0])
+                    for group in cluster_spec["workerGroupSpecs"])
+    assert 1 <= replicas <= gpu_slots, "each replica takes a GPU: the worker groups must be able to hold them all"
+    assert cluster_spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+def test_rayservice_ray_containers_have_probes_and_expose_the_serve_port(serve_build):
+    cluster_spec = one(serve_build, "RayService")["spec"]["rayClusterConfig"]
+    for group, spec in ray_pod_specs(cluster_spec):
+        container = spec["containers"][0]
+        assert {"readinessProbe", "livenessProbe"} <= set(container), f"{group}: no probes"
+        if group != "head":
+            probe = container["readinessProbe"]["httpGet"]
+            assert probe["port"] == SERVE_PORT, f"{group}: ready should mean the Serve proxy answers"
+        assert any(port["containerPort"] == SERVE_PORT and port.get("name") == "serve"
+                   for port in container.get("ports", [])), f"{group}: no port named serve"
+
+
+def test_serve_port_admits_the_namespace_and_nothing_outside(serve_build):
+    docs = serve_build
+    serving = [pod for pod in deployed_pods(docs) if pod.ray_node and pod.where.startswith("RayService/")]
+    assert {pod.ray_node for pod in serving} == {"head", "worker"}
+    for pod in serving:
+        assert ingress_allowed(docs, pod, SERVE_PORT, Source("any pod of the namespace", pod.namespace)), pod.where
+        for source in outside_sources(pod.labels):
+            assert not ingress_allowed(docs, pod, SERVE_PORT, source), f"{pod.where}: {source.name} reaches the API"
+    # The long-lived cluster and the training cluster do not serve: the policy does not open 8000 on them.
+    others = [pod for pod in deployed_pods(docs) if pod.ray_node and not pod.where.startswith("RayService/")]
+    assert others and not any(ingress_allowed(docs, pod, SERVE_PORT, Source("outside the cluster"))
+                              for pod in others)

@@ -1,0 +1,93 @@
+"""Starting and stopping the Serve app on a local Ray (or the cluster in RAY_ADDRESS): jobs/serve.py and tests."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.request
+from typing import Callable
+
+from cluster.ray_runtime import ensure_ray
+from cluster.serve import ServeOptions, build_app, with_gpu_defaults
+
+APP_NAME = "inpaint"
+log = logging.getLogger("inpaint.serve")
+
+
+class ServeError(RuntimeError):
+    """The app could not start (a checkpoint that does not load, a port in use); the message is one line."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The last meaningful line of a Ray error, which carries a whole remote traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("File ", "Traceback", "^", "~"))]
+    return (useful or lines or [type(exc).__name__])[-1][:500]
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A local proxy that cannot bind its port does not fail: Serve retries it forever. So look first."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+
+
+def start_app(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, gpu: bool = False, replicas: int = 1,
+              **options) -> str:
+    """Deploy the app and wait until it answers; returns its base URL (``http://host:port``)."""
+    import os
+
+    from ray import serve
+
+    if not os.environ.get("RAY_ADDRESS"):
+        check_port_free(host, port)
+    ensure_ray()
+    if gpu:
+        options = with_gpu_defaults(options)
+    app = build_app(ServeOptions(checkpoint=checkpoint, **options), replicas=replicas, gpu=gpu)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    except Exception as exc:  # a replica's constructor failed, or the proxy could not bind
+        raise ServeError(f"the app did not start: {one_line(exc)}") from None
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    deadline = time.monotonic() + 60
+    while True:  # serve.run returns when replicas are up; the proxy may need a moment more
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=5) as reply:
+                if reply.status == 200:
+                    return base
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise ServeError(f"the app started but {base}/healthz does not answer")
+        time.sleep(0.25)
+
+
+def stop_app() -> None:
+    from ray import serve
+
+    serve.shutdown()
+
+
+def serve_forever(checkpoint: str, *, stop: threading.Event, announce: Callable[[str], None] = print,
+                  host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    """Serve until ``stop`` is set (Ctrl-C), then shut Serve and the local Ray down cleanly."""
+    import ray
+
+    try:
+        base = start_app(checkpoint, host=host, port=port, **options)
+        announce(f"serving {checkpoint}: open {base}/ (API docs: {base}/docs); Ctrl-C stops")
+        stop.wait()
+        announce("stopping")
+    finally:
+        if ray.is_initialized():
+            try:
+                stop_app()
+            finally:
+                ray.shutdown()
