@@ -8,9 +8,8 @@ Needs Debian's ``chromium`` (Playwright's own browser download does not work off
 downloaded). The README's test command installs both. Missing either, the test fails under CI
 (``CI`` set) and is skipped with the reason elsewhere.
 
-``page_url`` serves the page and the HTTP contract the page uses (POST v1/inpaint, GET v1/model)
-from a small in-process server over :class:`inpaint.Inpainter`; it is the one place to point at
-the real Ray Serve app instead (tests/serve_harness.py). To refresh the README's screenshot:
+``page_url`` is the real Ray Serve app (tests/serve_harness.py, a local Ray) serving the page and
+its API (POST v1/inpaint, GET v1/model), as ``python jobs/serve.py`` does. To refresh the README's screenshot:
 ``PAGE_SCREENSHOT=docs/serve-page.png python -m pytest tests/test_page_browser.py`` (with
 ``PAGE_CHECKPOINT=runs/quickstart-sample`` to fill with a trained model instead of the tiny one).
 """
@@ -19,26 +18,15 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import shutil
 import sys
-import threading
-from email.parser import BytesParser
-from email.policy import HTTP
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from inpaint import Inpainter, recipes
-from inpaint.checkpoint import CheckpointError
-from inpaint.inference import InpaintError
-from inpaint.masks import MaskSampler
-from inpaint.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE = REPO / "cluster" / "web" / "index.html"
@@ -107,100 +95,17 @@ def test_a_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch, tmp_p
 
 
 # ---------------------------------------------------------------- the server the page talks to
-def debug_checkpoint(folder: Path) -> str:
-    """A debug-recipe checkpoint after a few steps: tiny, and its fill differs from the input."""
-    torch.manual_seed(0)
-    config = recipes.get("debug")
-    trainer = Trainer(config, device="cpu")
-    sampler = MaskSampler(config.mask, 32, 16)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        masks, boxes = sampler.batch(4, generator)
-        images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=generator)
-        trainer.train_step({"image": images, "mask": masks, "box": boxes})
-    trainer.save(folder / "checkpoint_000000002")
-    return str(folder / "checkpoint_000000002")
-
-
-def multipart_fields(content_type: str, body: bytes) -> dict[str, bytes]:
-    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
-    return {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
-            for part in message.iter_parts()}
-
-
-def contract_server(inpainter: Inpainter, checkpoint: str) -> ThreadingHTTPServer:
-    """GET /, GET /v1/model and POST /v1/inpaint as the serve app answers them (the page's contract)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):  # one line per request would drown the test's output
-            pass
-
-        def answer(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def error(self, status: int, message: str) -> None:
-            self.answer(status, json.dumps({"error": message}).encode(), "application/json")
-
-        def do_GET(self):
-            if self.path == "/":
-                self.answer(200, PAGE.read_bytes(), "text/html; charset=utf-8")
-            elif self.path == "/v1/model":
-                info = {"checkpoint": checkpoint, "step": inpainter.meta.get("step"),
-                        "recipe": inpainter.config.recipe, "image_size": inpainter.config.model.image_size}
-                self.answer(200, json.dumps(info).encode(), "application/json")
-            else:
-                self.error(404, f"no such path {self.path}")
-
-        def do_POST(self):
-            if self.path != "/v1/inpaint":
-                return self.error(404, f"no such path {self.path}")
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            fields = multipart_fields(self.headers.get("Content-Type", ""), body)
-            try:
-                image = Image.open(io.BytesIO(fields["image"])).convert("RGB")
-                mask = Image.open(io.BytesIO(fields["mask"])).convert("L")
-                filled = inpainter.fill(image, mask, blend=fields.get("blend", b"true") == b"true")
-            except KeyError as exc:
-                return self.error(400, f"missing field {exc}")
-            except (InpaintError, OSError) as exc:
-                return self.error(422, str(exc))
-            out = io.BytesIO()
-            filled.save(out, format="PNG")
-            self.answer(200, out.getvalue(), "image/png")
-
-    return ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-
-
 @pytest.fixture(scope="module")
 def page_url(tmp_path_factory):
-    """The base URL of a server that serves the page and its API.
+    """The base URL of the real Ray Serve app (tests/serve_harness.py) serving the page and its API.
 
-    By default the in-process server above; ``PAGE_SERVER=serve`` drives the real Ray Serve app
-    (tests/serve_harness.py, starts a local Ray) instead.
+    ``PAGE_CHECKPOINT`` fills with a trained run instead of the tiny debug checkpoint.
     """
-    checkpoint = os.environ.get("PAGE_CHECKPOINT") or debug_checkpoint(tmp_path_factory.mktemp("page-run"))
-    if os.environ.get("PAGE_SERVER") == "serve":
-        from tests.serve_harness import running_app
+    from tests.serve_harness import debug_checkpoint, running_app
 
-        with running_app(checkpoint) as url:
-            yield url.rstrip("/") + "/"
-        return
-    try:
-        inpainter = Inpainter.from_checkpoint(checkpoint)
-    except CheckpointError as exc:
-        pytest.fail(f"PAGE_CHECKPOINT: {exc}", pytrace=False)
-    server = contract_server(inpainter, checkpoint)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
+    checkpoint = os.environ.get("PAGE_CHECKPOINT") or str(debug_checkpoint(tmp_path_factory.mktemp("page-run"), (2,)))
+    with running_app(checkpoint) as url:
+        yield url.rstrip("/") + "/"
 
 
 # ---------------------------------------------------------------- the test
