@@ -402,11 +402,19 @@ def device_facts(check: Check) -> dict[str, Any]:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         facts.update(capability=f"{props.major}.{props.minor}", memory_gib=props.total_memory / 2**30,
-                     multiprocessors=props.multi_processor_count, cudnn=torch.backends.cudnn.version(),
-                     nccl=".".join(map(str, torch.cuda.nccl.version())),
-                     bf16_supported=torch.cuda.is_bf16_supported(including_emulation=False),
-                     cudnn_benchmark=torch.backends.cudnn.benchmark)
+                     multiprocessors=props.multi_processor_count, cudnn_benchmark=torch.backends.cudnn.benchmark,
+                     cudnn=fact(torch.backends.cudnn.version), nccl=fact(lambda: ".".join(
+                         map(str, torch.cuda.nccl.version()))),
+                     bf16_native=fact(lambda: torch.cuda.is_bf16_supported(including_emulation=False)))
     return facts
+
+
+def fact(read: Callable[[], Any]) -> Any:
+    """One device fact, or why it could not be read: a missing fact does not cost the others."""
+    try:
+        return read()
+    except Exception as exc:  # noqa: BLE001
+        return f"unknown ({one_line(exc)})"
 
 
 def start_process_group(check: Check) -> dict[str, Any]:
@@ -597,8 +605,7 @@ def compile_variants(check: Check, guard: Guard, store: dict[str, Any], folder: 
     request.write_text(json.dumps({"options": dataclasses.asdict(check.options), "device": str(check.device),
                                    "url": check.url, "ddp": check.ddp, "flops": flops, "output": str(output),
                                    "deadline": guard.deadline - 4.0}))
-    child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--compile-child", str(request)],
-                             start_new_session=True)
+    child = subprocess.Popen(child_command(request), start_new_session=True)
     stopped: Stop | None = None
     try:
         child.wait(timeout=max(1.0, guard.left() - 3.0))  # the child stops itself 4 s before the deadline
@@ -614,6 +621,10 @@ def compile_variants(check: Check, guard: Guard, store: dict[str, Any], folder: 
     if stopped is not None:
         raise stopped
     return {"child": ended, "process_group": entries.get("process_group"), "backend": check.options.compile_backend}
+
+
+def child_command(request: Path) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--compile-child", str(request)]
 
 
 def merge_compiled(check: Check, store: dict[str, Any], entries: dict[str, Any], ended: str) -> None:
@@ -827,9 +838,11 @@ def _agreement(sections: dict[str, Any]) -> str:
 def _loader(e: dict[str, Any] | None) -> str:
     if e is None or (why := _failed_or_skipped(e)) is not None:
         return why if e else "not run"
+    restarts = (f"; {e['epoch_ends_inside']} epoch end(s) inside, each restarting the workers"
+                if e.get("epoch_ends_inside") else "")
     return (f"{e['workers']} workers, batch {e['batch']}: {e['steps']} steps in {e['wall_s']:.1f} s, "
             f"{e['images_per_s']:.0f} images/s; waiting for data {e['data_wait_share']:.1%} of the time "
-            f"(worker start-up {e['startup_s']:.1f} s apart)")
+            f"(worker start-up {e['startup_s']:.1f} s apart{restarts})")
 
 
 def _checkpoint(e: dict[str, Any] | None) -> str:
@@ -879,7 +892,7 @@ def render(results: dict[str, Any]) -> str:
              ("Gradient allreduce with 8 GPUs", _allreduce(sections.get("allreduce", {"skipped": "not yet"}))),
              ("Projection: the paper's schedule", _projection(sections.get("projection", {"skipped": "not yet"})))]
     failed = [f"{n}: {_failed_or_skipped(e)}" for n, e in sections.items()
-              if isinstance(e, dict) and _failed_or_skipped(e) and n in ("device", "dataset", "process_group", "compile")]
+              if n in ("device", "dataset", "process_group", "compile") and _failed_or_skipped(e)]
     text = head + "\n\n" + "\n\n".join(f"## {title}\n{body}" for title, body in parts) + "\n"
     return text + ("\n## Not measured\n" + "\n".join(failed) + "\n" if failed else "")
 

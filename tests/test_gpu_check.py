@@ -209,3 +209,23 @@ def test_bad_arguments_are_one_line_errors(capsys, args, message):
     assert gpu_check.main(["--smoke", *args]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith(message) and "\n" not in error
+
+
+def test_a_compile_child_still_running_at_the_deadline_is_killed_and_its_written_figures_kept(tmp_path, monkeypatch):
+    """The child writes the joint figures, then hangs (as a long inductor compile would): at the deadline
+    its whole process group goes, the joint figures stay, the other phases say why they have none."""
+    hang = ("import json, pathlib, sys, time; request = json.loads(pathlib.Path(sys.argv[1]).read_text()); "
+            "pathlib.Path(request['output']).write_text(json.dumps({'compile/joint': {'images_per_s': 30.0}})); "
+            "time.sleep(120)")
+    monkeypatch.setattr(gpu_check, "child_command", lambda request: [sys.executable, "-c", hang, str(request)])
+    options = gpu_check.Options(smoke=True, **gpu_check.SMOKE)
+    guard = gpu_check.Guard(options, lambda: None, deadline=time.time() + 6)
+    fake = type("FakeCheck", (), {"options": options, "device": "cpu", "url": "unused", "ddp": False, "batch": 2})()
+    store = {"steps/joint/b2": {"images_per_s": 20.0}}
+    started = time.monotonic()
+    summary = gpu_check.compile_variants(fake, guard, store, tmp_path)
+    assert time.monotonic() - started < 6 + 3
+    assert summary["child"] == "killed at the --budget-s deadline"
+    assert store["compile/joint"] == {"images_per_s": 30.0, "speedup_vs_eager": 1.5}
+    for phase in ("generator", "discriminator"):
+        assert store[f"compile/{phase}"] == {"failed": "compile child: no figures (killed at the --budget-s deadline)"}
