@@ -14,7 +14,8 @@ import time
 import torch
 
 from inpaint.config import MaskConfig
-from inpaint.masks import MaskSampler, crop_local
+from inpaint.masks import MaskSampler
+from inpaint.models import crop_local
 from inpaint.metrics import psnr, ssim
 
 

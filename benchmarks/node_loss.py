@@ -5,9 +5,9 @@ growing back onto a new node).
     python benchmarks/node_loss.py                 # Ray Train's own timeouts, as a user gets them
     python benchmarks/node_loss.py --start-timeout 20
 
-The cluster is the tests' (tests/multinode.py): a head without CPUs plus three worker nodes of one
-CPU each, all on this machine, so every training worker has a node of its own; the run is the
-`debug` recipe submitted with `ray job submit`, checkpointing every 4 steps, to a local folder.
+The cluster is the one the multi-node tests use (cluster/local_cluster.py): a head without CPUs
+plus three worker nodes of one CPU each, all on this machine, so every training worker has a node
+of its own; the run is the `debug` recipe submitted with `ray job submit`, checkpointing every 4 steps, to a local folder.
 A node is removed by SIGKILL to all its processes at once (raylet, agents, the worker on it).
 
 - "loss -> next step": from the kill to the end of the first step the new group trained
@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cluster import sample_keys  # noqa: E402
-from tests.multinode import LocalCluster  # noqa: E402
+from cluster.local_cluster import LocalCluster  # noqa: E402
 
 EVERY = 4
 COMMON = ["--recipe", "debug", "--no-evaluate", "--max-failures", "3", "--set", f"checkpoint.every_steps={EVERY}",

@@ -74,3 +74,42 @@ def profile_step(step: Callable[[], None], device: torch.device, state_bytes: in
     fractions = {k: v / total for k, v in seconds.items()}
     return {"fractions": fractions, "peak_bytes": state_bytes + peak_allocated(prof, device),
             "state_bytes": state_bytes}
+
+
+def device_intervals(prof) -> list[tuple[int, int, str]]:
+    """(start ns, end ns, name) of every kernel, copy and memset the GPU ran during a profile."""
+    return [(e.start_ns(), e.start_ns() + e.duration_ns(), e.name()) for e in prof.profiler.kineto_results.events()
+            if str(e.device_type()).endswith("CUDA") and e.name() != "[memory]" and e.duration_ns() > 0]
+
+
+def _union(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint spans covering the same time as ``spans``."""
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(start, end) for start, end in merged]
+
+
+def _overlap(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
+    """Time covered by both of two sorted, disjoint span lists."""
+    i = j = total = 0
+    while i < len(a) and j < len(b):
+        total += max(0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def busy_time(intervals: list[tuple[int, int, str]]) -> dict[str, float]:
+    """Seconds the GPU was busy (kernels on several streams counted once), of it in NCCL kernels (the
+    gradient allreduce), and of those the seconds that overlapped other GPU work."""
+    nccl = _union([(s, e) for s, e, name in intervals if "nccl" in name.lower()])
+    other = _union([(s, e) for s, e, name in intervals if "nccl" not in name.lower()])
+    busy = _union([(s, e) for s, e, _ in intervals])
+    length = lambda spans: sum(e - s for s, e in spans) / 1e9  # noqa: E731
+    return {"busy_s": length(busy), "allreduce_s": length(nccl), "allreduce_overlapped_s": _overlap(nccl, other) / 1e9}

@@ -2,18 +2,47 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from benchmarks.vocabulary import OPTIMIZED, PHASES, Options, StepRecord
 from inpaint import recipes
 
 
+def paper_iterations() -> dict[str, int]:
+    """The paper's optimizer steps per phase (the celeba recipe's schedule: 90k / 10k / 400k)."""
+    schedule = recipes.get("celeba").schedule
+    return {"generator": schedule.generator_steps, "discriminator": schedule.discriminator_steps,
+            "joint": schedule.joint_steps}
+
+
+def ring_allreduce_bytes(nbytes: float, world: int) -> float:
+    """Bytes each rank sends (and receives) in a ring allreduce of ``nbytes``: 2 (n - 1) / n x nbytes."""
+    return 2 * (world - 1) / world * nbytes
+
+
+def schedule_hours(step_s: dict[str, float], iterations: dict[str, int], *, devices: int = 1,
+                   unit: str = "iterations", comm_s: dict[str, float] | None = None, save_s: float = 0.0,
+                   save_every_steps: int | None = None) -> dict[str, Any]:
+    """Hours of a schedule on ``devices`` devices, each keeping the per-device batch of ``step_s``.
+
+    ``unit="iterations"`` (the trainer's default): every device runs every iteration, so more devices
+    train on more images in the same steps; ``"samples"``: the same images in 1/devices of the steps.
+    ``comm_s`` (seconds per step and phase, counted only with several devices) is added to each step as
+    if nothing overlapped it: an upper bound. A checkpoint costs ``save_s`` every ``save_every_steps``."""
+    per_device = {p: n if unit == "iterations" else math.ceil(n / devices) for p, n in iterations.items()}
+    compute = sum(per_device[p] * step_s[p] for p in per_device)
+    comm = sum(per_device[p] * (comm_s or {}).get(p, 0.0) for p in per_device) if devices > 1 else 0.0
+    saves = sum(per_device.values()) // save_every_steps if save_every_steps else 0
+    total = compute + comm + saves * save_s
+    return {"hours": total / 3600, "compute_hours": compute / 3600, "communication_hours": comm / 3600,
+            "checkpoint_hours": saves * save_s / 3600, "steps_per_device": per_device, "checkpoints": saves}
+
+
 def projection(records: list[StepRecord], options: Options, info: dict,
                ddp: dict[str, Any] | None) -> dict[str, Any]:
     """Wall time and cost of the paper's schedule with the optimized step of celeba (else another recipe)."""
-    schedule = recipes.get("celeba").schedule
-    steps = {"generator": schedule.generator_steps, "discriminator": schedule.discriminator_steps,
-             "joint": schedule.joint_steps}
+    steps = paper_iterations()
     measured_phases: dict[str, dict[str, StepRecord]] = {}
     for r in records:
         if r["variant"] == OPTIMIZED:

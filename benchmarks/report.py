@@ -9,9 +9,9 @@ from benchmarks.vocabulary import SHARES
 MIB = 2**20
 
 
-def _table(header: list[str], rows: list[list[Any]], text_columns: int = 3) -> str:
+def table(header: list[str], rows: list[list[Any]], text_columns: int = 3) -> str:
     """Columns padded to their widest cell: the first ``text_columns`` left-aligned, numbers right."""
-    cells = [header] + [[_cell(v) for v in row] for row in rows]
+    cells = [header] + [[cell(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = []
     for row in cells:
@@ -21,7 +21,7 @@ def _table(header: list[str], rows: list[list[Any]], text_columns: int = 3) -> s
     return "\n".join(lines)
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -39,12 +39,12 @@ def _steps(results: dict[str, Any]) -> str:
     header = ["recipe", "variant", "phase", "batch", "img/s", "step s", "peak MiB", "GFLOP/img", "TFLOP/s",
               *(k.replace("contextual_loss", "cx").replace("discriminator", "disc").replace("generator", "gen")
                 for k in SHARES)]
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def _speedups(results: dict[str, Any]) -> str:
     rows = [[recipe, phase, value] for recipe, phases in results["speedups"].items() for phase, value in phases.items()]
-    return _table(["recipe", "phase", "optimized / straightforward img/s"], rows, text_columns=2)
+    return table(["recipe", "phase", "optimized / straightforward img/s"], rows, text_columns=2)
 
 
 def _comparison(c: dict[str, Any]) -> str:
@@ -70,7 +70,7 @@ def _comparison(c: dict[str, Any]) -> str:
             row += [e[f"glcic{s}"]["images_per_s"], e[f"glcic{s}"]["speedup"], e[f"celeba{s}"]["images_per_s"],
                     e[f"celeba{s}"]["time_ratio"]]
         rows.append(row)
-    lines.append(_table(header, rows, text_columns=1))
+    lines.append(table(header, rows, text_columns=1))
     t = c["targets"]
     for s in suffixes:
         label = " (fp32)" if s else ""
@@ -86,7 +86,7 @@ def _verdict(ok: bool | None) -> str:
 
 def _allreduce(results: dict[str, Any]) -> str:
     rows = [[*key.split("/"), value / MIB] for key, value in results["allreduce_bytes"].items()]
-    return _table(["recipe", "phase", "gradient MiB per step"], rows, text_columns=2)
+    return table(["recipe", "phase", "gradient MiB per step"], rows, text_columns=2)
 
 
 def _ddp(d: dict[str, Any]) -> str:
@@ -100,7 +100,7 @@ def _ddp(d: dict[str, Any]) -> str:
                          figures["allreduce_bytes_per_step"] / MIB])
     header = ["phase", "workers", "oversubscribed", "threads/worker", "img/s", "efficiency", "allreduce MiB/step"]
     return (f"recipe {d['recipe']}, backend {d['backend']}, {d['logical_cpus']} logical CPUs\n"
-            + _table(header, rows, text_columns=1))
+            + table(header, rows, text_columns=1))
 
 
 def _ladder(ladder: dict[str, Any]) -> str:
@@ -108,7 +108,7 @@ def _ladder(ladder: dict[str, Any]) -> str:
         return ladder["skipped"]
     rows = [[recipe, rung, phase, figures["images_per_s"], figures["step_s_median"]]
             for recipe, phases in ladder.items() for phase, rungs in phases.items() for rung, figures in rungs.items()]
-    return _table(["recipe", "settings", "phase", "img/s", "step s"], rows)
+    return table(["recipe", "settings", "phase", "img/s", "step s"], rows)
 
 
 def _changes(c: dict[str, Any]) -> str:
@@ -118,7 +118,7 @@ def _changes(c: dict[str, Any]) -> str:
             continue
         (before, before_s), (after, after_s) = c[change]["seconds"].items()
         rows.append([c[change]["what"], before, after, before_s, after_s, before_s / after_s])
-    return f"recipe {c['recipe']}\n" + _table(["measured", "before", "after", "before s", "after s", "speed-up"], rows)
+    return f"recipe {c['recipe']}\n" + table(["measured", "before", "after", "before s", "after s", "speed-up"], rows)
 
 
 def _precision(p: dict[str, Any]) -> str:
@@ -135,7 +135,7 @@ def _contextual(c: dict[str, Any]) -> str:
     t = c["targets"]
     return (f"features {tuple(c['shape'])} fp32 on {c['device']}, forward + backward, {c['threads']} threads, "
             f"medians of {c['repeats']} interleaved runs; peak memory in a fresh subprocess per variant\n"
-            + _table(["variant", "median s", "peak MiB"], rows, text_columns=1)
+            + table(["variant", "median s", "peak MiB"], rows, text_columns=1)
             + f"\nours / port: time {c['port_time_fraction']:.3f} (target <= {t['port_time_fraction_max']:g}: "
               f"{_verdict(c['port_time_fraction'] <= t['port_time_fraction_max'])}), peak memory "
               f"{c['port_memory_fraction']:.3f} (target <= {t['port_memory_fraction_max']:g}: "
@@ -157,7 +157,7 @@ def _loader(d: dict[str, Any]) -> str:
         ("wall_per_worker", f"wall / {n}, whole pass (workers start each pass)"))]
     return (f"{n} workers, batch {d['batch']}, {d['image_size']} px, {d['samples_per_pass']} samples a pass; "
             f"in-process {d['in_process']:.0f} samples/s per CPU-second (medians of per-round figures)\n"
-            + _table(["measure", "samples/s", "of in-process"], rows, text_columns=1)
+            + table(["measure", "samples/s", "of in-process"], rows, text_columns=1)
             + f"\nper worker core: {_percent(ratio)} (target >= {d['target_ratio']:.0%}: "
               f"{_verdict(None if ratio is None else ratio >= d['target_ratio'])})")
 
@@ -169,7 +169,7 @@ def _projection(p: dict[str, Any]) -> str:
     iterations = ", ".join(f"{k} {v:,}" for k, v in p["schedule_iterations"].items())
     return (f"recipe {p['recipe']} on {p['device']}, batch {p['batch_per_device']} per device, "
             f"{iterations} iterations, {p['price_per_device_hour']:g} USD per device-hour\n"
-            + _table(["devices", "hours", "days", "device-hours", "cost USD"], rows, text_columns=0) + "\n"
+            + table(["devices", "hours", "days", "device-hours", "cost USD"], rows, text_columns=0) + "\n"
             + p["scaling_note"])
 
 

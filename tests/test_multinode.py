@@ -1,7 +1,7 @@
 """Multi-node Ray on this machine: a node lost mid-phase, an elastic run that shrinks and grows,
 `ray job stop` + the same `ray job submit`, and a restarted head, all with runs in moto S3.
 
-One cluster for the module (see tests/multinode.py): a head without CPUs (the job drivers and
+One cluster for the module (see cluster/local_cluster.py): a head without CPUs (the job drivers and
 Ray Train's controller run there) and three worker nodes of one CPU each, so every training
 worker sits on a node of its own. Jobs are submitted with `ray job submit` to the head; data,
 checkpoints, TensorBoard and the sample-key records (``--set log.sample_keys=true``, see
@@ -21,7 +21,7 @@ import time
 import pytest
 
 from tests.conftest import fresh_bucket
-from tests.multinode import LocalCluster
+from cluster.local_cluster import LocalCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
