@@ -195,11 +195,13 @@ def _check_vgg_weights(request: TrainRequest) -> None:
 
 
 # Fields a resumed run may change: where data is read from and how fast, how often it logs and
-# checkpoints, the device and its numerics, and the length of the last (joint) phase. Anything
+# checkpoints, the device and its numerics (gradient communication and the contextual loss's chunking
+# included: memory and speed, the same loss), and the length of the last (joint) phase. Anything
 # else (the model, losses, masks, optimizer, the earlier phases, batch size, seeds) would make the
 # checkpoint mean something else, or not load at all.
 RESUMABLE_FIELDS = ("data.url", "data.num_workers", "checkpoint.*", "log.*", "runtime.device", "runtime.bf16",
-                    "runtime.channels_last", "runtime.compile", "schedule.joint_steps")
+                    "runtime.channels_last", "runtime.compile", "runtime.ddp_comm", "loss.cx_chunk",
+                    "schedule.joint_steps")
 
 
 def _flat(document: dict, prefix: str = "") -> dict[str, object]:

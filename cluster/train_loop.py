@@ -12,12 +12,12 @@ import logging
 import resource
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ray.train
 import ray.train.torch
 import torch
-from torch.nn.parallel import DistributedDataParallel
+from ray.train import CheckpointUploadMode
 
 from cluster.sample_keys import SampleKeyLog, attempt_id
 from cluster.tensorboard import RunWriter
@@ -25,6 +25,7 @@ from inpaint import storage
 from inpaint.checkpoint import CheckpointError
 from inpaint.config import Config
 from inpaint.data import TrainLoader, make_train_loader
+from inpaint.distributed import CheckpointCadence, grouped, prepare_for_training
 from inpaint.phases import Phase
 from inpaint.run_folder import RunPaths, checkpoint_name, checkpoint_urls
 from inpaint.trainer import Stateful, Trainer
@@ -40,11 +41,48 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def _ddp_wrapper(device: torch.device, world_size: int):
-    if world_size == 1:
-        return lambda module: module
-    device_ids = [device.index] if device.type == "cuda" else None
-    return lambda module: DistributedDataParallel(module, device_ids=device_ids)
+class StepClock:
+    """Data wait and step time over a logging window, with one device sync per window, not per step.
+
+    A ``torch.cuda.synchronize`` after every step would stall the host until the GPU drains, so the
+    next batch's host-to-device copy and kernel launches could not overlap the step's compute. The
+    host instead times what it spends in each step (launching, and blocking wherever the step
+    itself waits on the GPU) and, once per window (:meth:`window`, on logging steps), waits for the
+    GPU to finish the work still queued and counts that wait as step time. On CPU the sync is free
+    and the figures are what they always were.
+    """
+
+    def __init__(self, device: torch.device, *, clock: Callable[[], float] = time.perf_counter,
+                 synchronize: Callable[[], None] | None = None) -> None:
+        self.clock = clock
+        if synchronize is None:
+            synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        self.synchronize = synchronize
+        self._reset()
+
+    def _reset(self) -> None:
+        self.start = self.clock()
+        self.data_s = self.step_s = 0.0
+        self.steps = self.images = 0
+
+    def data(self, seconds: float) -> None:
+        self.data_s += seconds
+
+    def step(self, seconds: float, images: int) -> None:
+        self.step_s += seconds
+        self.steps += 1
+        self.images += images
+
+    def window(self) -> dict[str, float]:
+        """Per-step averages and images/s (this worker's) since the last window; starts a new one."""
+        before = self.clock()
+        self.synchronize()  # the one wait per window: the GPU's queued work belongs to the steps
+        end = self.clock()
+        steps = max(1, self.steps)
+        figures = {"data_s": self.data_s / steps, "step_s": (self.step_s + end - before) / steps,
+                   "images_per_s": self.images / max(end - self.start, 1e-9)}
+        self._reset()
+        return figures
 
 
 RESTORE_ATTEMPTS = 3  # per rank, for the checkpoint rank 0 chose: transient read errors are retried
@@ -96,13 +134,9 @@ def choose_checkpoint(trainer: Trainer, run: RunPaths, registered: ray.train.Che
 
 # Collectives over the training group; in a single process (world size 1, or no process group, as
 # in the in-process tests) each is the identity.
-def _grouped() -> bool:
-    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-
-
 def _broadcast(value: Any) -> Any:
     """Rank 0's ``value`` on every rank."""
-    if not _grouped():
+    if not grouped():
         return value
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
@@ -111,7 +145,7 @@ def _broadcast(value: Any) -> Any:
 
 def _gathered(value: Any) -> list[Any]:
     """Every rank's ``value``, in rank order."""
-    if not _grouped():
+    if not grouped():
         return [value]
     values: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(values, value)
@@ -176,18 +210,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("run %s already finished its schedule at step %d; nothing to do", run.name, trainer.step)
         return
-    if config.runtime.compile:
-        trainer.compile()
-    trainer.wrap_models(_ddp_wrapper(device, world_size))
+    prepare_for_training(trainer, device, world_size)  # DDP (+ comm hook), then compile: see inpaint.distributed
 
     writer = RunWriter(run) if rank == 0 else None
     keys = (SampleKeyLog(run.run, _broadcast(attempt_id()), rank, world_size)
             if config.log.sample_keys else None)  # debug/test hook, see cluster/sample_keys.py
-    every = config.checkpoint.every_steps
+    # Checked on logging steps only: the ranks agree on time-based checkpoints at no per-step cost.
+    cadence = CheckpointCadence(config.checkpoint.every_steps, config.checkpoint.every_minutes,
+                                config.log.every_steps, device=device)
     batch_size = config.data.batch_size
-    window_start = time.perf_counter()
-    window_images = 0
-    data_time = step_time = 0.0
+    clock = StepClock(device)
     try:
         data_iter = iter(loader)
         while not trainer.done:
@@ -196,26 +228,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             t1 = time.perf_counter()
             before = (trainer.step, trainer.samples_seen)
             phase = trainer.phase
-            losses = trainer.train_step(batch)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t2 = time.perf_counter()
-            data_time += t1 - t0
-            step_time += t2 - t1
-            window_images += batch_size
+            losses = trainer.train_step(batch)  # no device sync: the next batch's copy overlaps this step
+            clock.data(t1 - t0)
+            clock.step(time.perf_counter() - t1, batch_size)
             step = trainer.step
             if keys is not None:
                 keys.add(step, trainer.samples_seen, phase.value, batch)
 
             if writer is not None and step % config.log.every_steps == 0:
-                elapsed = time.perf_counter() - window_start
-                steps_in_window = max(1, window_images // batch_size)
+                timing = clock.window()
                 scalars = {k: float(v) for k, v in losses.items()}
                 scalars.update({
-                    "perf/images_per_s": window_images * world_size / elapsed,
-                    "perf/images_per_s_per_worker": window_images / elapsed,
-                    "time/data(s)": data_time / steps_in_window,
-                    "time/step(s)": step_time / steps_in_window,
+                    "perf/images_per_s": timing["images_per_s"] * world_size,
+                    "perf/images_per_s_per_worker": timing["images_per_s"],
+                    "time/data(s)": timing["data_s"],
+                    "time/step(s)": timing["step_s"],
                     "memory/max(GiB)": _memory_gb(device),
                     "schedule/phase": PHASE_INDEX[trainer.phase],
                     "schedule/samples_seen": trainer.samples_seen,
@@ -227,17 +254,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 log.info("step %d phase %s %s | %.1f img/s", step, phase.value,
                          " ".join(f"{k.rsplit('/', 1)[-1]}={v:.4g}" for k, v in losses.items()),
                          scalars["perf/images_per_s"])
-                window_start, window_images, data_time, step_time = time.perf_counter(), 0, 0.0, 0.0
             if writer is not None and (step % config.log.image_every_steps == 0 or trainer.done):
                 masked, completed, original = trainer.complete(batch)
                 count = config.log.image_count
                 writer.image_grid(masked[:count], completed[:count], original[:count], step)
 
             boundary = trainer.schedule.crosses_boundary(before, (trainer.step, trainer.samples_seen))
-            if step % every == 0 or boundary or trainer.done:
+            if cadence.due(step) or boundary or trainer.done:
                 if keys is not None:
                     keys.flush(step)
                 _report(trainer, loader, losses, rank, writer)
+                cadence.taken()
     finally:
         if writer is not None:
             writer.close()
@@ -258,11 +285,16 @@ def _report(trainer: Trainer, loader: TrainLoader, losses: dict[str, torch.Tenso
     if writer is not None:
         writer.skipped_samples(sorted(loader.skipped_keys), trainer.step)
         writer.sync()
-    with tempfile.TemporaryDirectory(prefix="inpaint-ckpt-") as directory:
-        checkpoint = None
-        if rank == 0:
-            trainer.save(directory, data=loader)  # the loader's position rides in the checkpoint
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(trainer.step))
+    checkpoint = None
+    if rank == 0:
+        # Ray uploads it in a background thread while training goes on (checkpoint_upload_mode=ASYNC) and
+        # deletes the directory once uploaded, so it must outlive this call: no TemporaryDirectory here.
+        directory = tempfile.mkdtemp(prefix="inpaint-ckpt-")
+        trainer.save(directory, data=loader)  # the loader's position rides in the checkpoint
+        checkpoint = ray.train.Checkpoint.from_directory(directory)
+    # A barrier still (every rank reports at the same steps); only the upload leaves the critical path.
+    # Ray waits for pending uploads before the worker's training function counts as finished.
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(trainer.step),
+                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC, delete_local_checkpoint_after_upload=True)
     if rank == 0:
         log.info("checkpoint %s reported (phase %s)", checkpoint_name(trainer.step), trainer.phase.value)
