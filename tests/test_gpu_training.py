@@ -339,3 +339,62 @@ def test_prepare_compiles_the_ddp_wrapped_networks_and_the_bare_discriminator_fo
     # Dynamo handed the DDP-wrapped graphs to its DDP optimizer, which splits them at bucket boundaries.
     assert results["ddp_optimizer_graphs"] >= 2
     assert results["ranks_agree"] and results["step"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop itself, in this process with Ray Train's calls stood in for
+
+
+@pytest.mark.slow
+def test_the_loop_times_by_window_checkpoints_by_the_clock_and_uploads_in_the_background(
+        monkeypatch, sample_dataset, tmp_path):
+    import functools
+    import shutil
+    import types
+
+    import ray
+    import ray.train
+    import ray.train.torch
+    from ray.train import CheckpointUploadMode
+
+    import cluster.train_loop as loop
+    from inpaint import recipes
+
+    reports, windows = [], []
+
+    def report(metrics, checkpoint=None, checkpoint_dir_name=None, **options):
+        assert options == {"checkpoint_upload_mode": CheckpointUploadMode.ASYNC,
+                           "delete_local_checkpoint_after_upload": True}
+        # The directory must outlive report(): Ray uploads it from a background thread, then deletes it.
+        assert checkpoint is not None and (Path(checkpoint.path) / "meta.json").is_file()
+        reports.append(metrics["step"])
+        shutil.rmtree(checkpoint.path)
+
+    class CountingClock(loop.StepClock):
+        def window(self):
+            windows.append(None)
+            return super().window()
+
+    minute = [0.0]
+
+    def fake_time() -> float:  # a minute passes between any two readings of the checkpoint clock
+        minute[0] += 60.0
+        return minute[0]
+
+    context = types.SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1)
+    monkeypatch.setattr(ray.train, "get_context", lambda: context)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(ray.train, "report", report)
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(get_node_id=lambda: "node"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("a device sync in the loop"))
+    monkeypatch.setattr(loop, "StepClock", CountingClock)
+    monkeypatch.setattr(loop, "CheckpointCadence", functools.partial(CheckpointCadence, clock=fake_time))
+    config = recipes.get("debug")  # 8 + 4 + 8 steps, logging every 2
+    config = config.replace(data=type(config.data)(**{**vars(config.data), "url": sample_dataset}),
+                            checkpoint=type(config.checkpoint)(every_steps=0, every_minutes=1.5, keep_last=2))
+    loop.train_loop_per_worker({"config": config.to_dict(), "storage": str(tmp_path), "name": "run"})
+    # Every clock check sees 1 minute (< 1.5) after a checkpoint and 2 minutes at the next check: so
+    # checkpoints every 4 steps; 8, 12 and 20 are also phase boundaries and the end.
+    assert reports == [4, 8, 12, 16, 20]
+    assert len(windows) == 10  # one timing window (and so one device sync on GPU) per logging step
