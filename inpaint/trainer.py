@@ -1,7 +1,8 @@
 """A single-process trainer: one optimizer step per call, in whichever phase the schedule says.
 
 It knows nothing of Ray or of storage. A distributed caller wraps the two networks (e.g. in
-DDP) through :meth:`Trainer.wrap_models` and moves the directories that :meth:`Trainer.save`
+DDP) through :meth:`Trainer.wrap_models`, then compiles them (both in that order:
+``inpaint.distributed.prepare_for_training``), and moves the directories that :meth:`Trainer.save`
 writes; everything needed to continue exactly (both models, both optimizers, step, samples
 seen, RNG, config) goes through :meth:`state_dict` / :meth:`load_state_dict`. The data position
 belongs to the loader, not the trainer: the caller hands its loader to :meth:`save` and
