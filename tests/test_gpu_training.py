@@ -350,6 +350,7 @@ def test_the_loop_times_by_window_checkpoints_by_the_clock_and_uploads_in_the_ba
         monkeypatch, sample_dataset, tmp_path):
     import functools
     import shutil
+    import threading
     import types
 
     import ray
@@ -360,15 +361,18 @@ def test_the_loop_times_by_window_checkpoints_by_the_clock_and_uploads_in_the_ba
     import cluster.train_loop as loop
     from inpaint import recipes
 
-    reports, windows = [], []
+    reports, windows, uploading = [], [], []
 
     def report(metrics, checkpoint=None, checkpoint_dir_name=None, **options):
         assert options == {"checkpoint_upload_mode": CheckpointUploadMode.ASYNC,
                            "delete_local_checkpoint_after_upload": True}
         # The directory must outlive report(): Ray uploads it from a background thread, then deletes it.
         assert checkpoint is not None and (Path(checkpoint.path) / "meta.json").is_file()
+        # One upload in flight at most: the previous checkpoint was uploaded (deleted) before this one.
+        assert not any(Path(path).exists() for path in uploading)
         reports.append(metrics["step"])
-        shutil.rmtree(checkpoint.path)
+        uploading.append(checkpoint.path)
+        threading.Timer(1.0, shutil.rmtree, (checkpoint.path,)).start()  # a slow store: 1 s an upload
 
     class CountingClock(loop.StepClock):
         def window(self):
