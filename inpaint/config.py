@@ -51,14 +51,14 @@ RANGES: dict[str, tuple[float, float]] = {
     "model.disc_width": (1, 1024), "model.fc_features": (1, 65536), "model.se_reduction": (1, 1024),
     "model.dilations": (1, 1024),
     "loss.adv_weight": (0, 1e6), "loss.cx_weight": (0, 1e6), "loss.hole_weight": (0, 1e6),
-    "loss.cx_band_width": (0, 1e6), "loss.cx_eps": (0, 1), "loss.cx_chunk": (1, 65536),
+    "loss.cx_band_width": (0, 1e6), "loss.cx_eps": (0, 1), "loss.cx_chunk": (0, 65536),
     "mask.freeform_strokes": (1, 1000),
     "optim.g_lr": (0, 1), "optim.d_lr": (0, 1), "optim.weight_decay": (0, 1), "optim.grad_clip": (0, 1e9),
     "schedule.generator_steps": _STEPS_RANGE, "schedule.discriminator_steps": _STEPS_RANGE,
     "schedule.joint_steps": _STEPS_RANGE, "schedule.reference_batch": (1, 65536),
     "data.batch_size": (1, 65536), "data.num_workers": (0, 256), "data.seed": _SEED_RANGE,
     "runtime.seed": _SEED_RANGE,
-    "checkpoint.every_steps": (1, 10**10), "checkpoint.keep_last": (1, 10000),
+    "checkpoint.every_steps": (0, 10**10), "checkpoint.every_minutes": (0, 10**6), "checkpoint.keep_last": (1, 10000),
     "log.every_steps": (1, 10**10), "log.image_every_steps": (1, 10**10), "log.image_count": (1, 256),
 }
 
@@ -88,6 +88,7 @@ REC_MASKINGS = ("full", "hole", "weighted")
 ADV_DISC_BN = ("train", "eval", "mixed")
 PHASE_UNITS = ("iterations", "samples")
 DEVICES = ("auto", "cpu", "cuda")
+DDP_COMMS = ("fp32", "bf16")
 VGG_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 
 
@@ -143,7 +144,10 @@ class LossConfig:
     cx_band_width: float = 0.5
     cx_eps: float = 1e-5
     cx_layers: tuple[str, ...] = ("relu3_3",)
-    cx_chunk: int = 1  # images per chunk in the contextual loss: bounds its B x N x N memory
+    # Images per chunk in the contextual loss: bounds its B x N x N memory. 0 (auto): the whole batch on
+    # CUDA (one kernel per op instead of a loop per image), 1 on CPU (the least memory; a CPU gains
+    # nothing from larger chunks). Memory or speed only: the loss is the same.
+    cx_chunk: int = 0
     vgg_weights: str = "imagenet"  # imagenet (torchvision), a local/fsspec path, or random
     # How the discriminator's BatchNorm sees the generator's adversarial pass: "train" (batch
     # statistics of the completed images alone), "eval" (running statistics), "mixed" (real and
@@ -158,7 +162,7 @@ class LossConfig:
         _one_of(self.adv_disc_bn, ADV_DISC_BN, "loss.adv_disc_bn")
         _check(self.cx_band_width > 0, "loss.cx_band_width", f"must be > 0, got {self.cx_band_width}")
         _check(self.cx_eps > 0, "loss.cx_eps", f"must be > 0, got {self.cx_eps}")
-        _check(self.cx_chunk >= 1, "loss.cx_chunk", f"must be >= 1, got {self.cx_chunk}")
+        _check(self.cx_chunk >= 0, "loss.cx_chunk", f"must be >= 0 (0: auto), got {self.cx_chunk}")
         _check(len(self.cx_layers) >= 1, "loss.cx_layers", "must name at least one VGG16 layer")
         for layer in self.cx_layers:
             _one_of(layer, VGG_LAYERS, "loss.cx_layers")
@@ -266,18 +270,30 @@ class RuntimeConfig:
     channels_last: bool | None = None  # None: as bf16
     compile: bool = False
     seed: int = 0
+    # The gradients' dtype on the wire between DDP workers: fp32, or bf16 (torch's bf16_compress_hook:
+    # half the bytes, each gradient rounded to bf16 before the average; README, "GPU training").
+    ddp_comm: str = "fp32"
 
     def __post_init__(self) -> None:
         _one_of(self.device, DEVICES, "runtime.device")
+        _one_of(self.ddp_comm, DDP_COMMS, "runtime.ddp_comm")
 
 
 @dataclass
 class CheckpointConfig:
+    """When to checkpoint: every ``every_steps`` steps and/or every ``every_minutes`` of training
+    (0 = off for either), and always at a phase boundary and at the end of the schedule."""
+
     every_steps: int = 1000
+    # Wall-clock minutes between checkpoints, checked on logging steps (log.every_steps) so that the
+    # ranks agree on when without a collective per step (inpaint.distributed.CheckpointCadence).
+    every_minutes: float = 0.0
     keep_last: int = 3
 
     def __post_init__(self) -> None:
-        _check(self.every_steps >= 1, "checkpoint.every_steps", f"must be >= 1, got {self.every_steps}")
+        _check(self.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0 (0: off), got {self.every_steps}")
+        _check(self.every_minutes >= 0, "checkpoint.every_minutes",
+               f"must be >= 0 (0: off), got {self.every_minutes}")
         _check(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
 
 
@@ -349,12 +365,14 @@ class Config:
 # The one rule for what a resumed run may change (the launcher refuses anything else before a
 # worker starts; Trainer.load warns when a checkpoint differs elsewhere; Config.digest hashes the
 # rest). It may change where the same data is read from and how fast, how often it logs and
-# checkpoints, the device and its numerics (resuming a CPU run with --gpu), and the length of the
-# last (joint) phase. Anything else (the model, losses, masks, optimizer, the earlier phases, the
+# checkpoints, the device and its numerics (resuming a CPU run with --gpu; gradient communication
+# and the contextual loss's chunking included: memory and speed, the same loss), and the length of
+# the last (joint) phase. Anything else (the model, losses, masks, optimizer, the earlier phases, the
 # batch size, seeds, splits) would make the checkpoint mean something else, or not load at all.
 RESUMABLE: tuple[str, ...] = (
     "data.url", "data.num_workers", "checkpoint.*", "log.*",
-    "runtime.device", "runtime.bf16", "runtime.channels_last", "runtime.compile", "schedule.joint_steps",
+    "runtime.device", "runtime.bf16", "runtime.channels_last", "runtime.compile", "runtime.ddp_comm",
+    "loss.cx_chunk", "schedule.joint_steps",
 )
 
 

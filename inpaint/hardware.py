@@ -65,11 +65,22 @@ def cpu_native_bf16() -> bool:
     return capability not in ("DEFAULT", "NO AVX", "AVX2")
 
 
+def cuda_native_bf16(device: torch.device | str) -> bool:
+    """Whether the CUDA device that will run (``cuda`` alone: the current one) has bf16 tensor cores.
+
+    ``including_emulation=False``: torch's default also answers yes on pre-Ampere GPUs, where bf16
+    is emulated and slower than fp32. Asked of ``device`` itself, not of whichever device is current.
+    """
+    device = torch.device(device)
+    with torch.cuda.device(device.index if device.index is not None else torch.cuda.current_device()):
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
 def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` computes bf16 natively (CUDA Ampere+, or a CPU with AMX / AVX512-BF16)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and cuda_native_bf16(device)
     if device.type == "cpu":
         return cpu_native_bf16()
     return False

@@ -1,7 +1,8 @@
 """A single-process trainer: one optimizer step per call, in whichever phase the schedule says.
 
 It knows nothing of Ray or of storage. A distributed caller wraps the two networks (e.g. in
-DDP) through :meth:`Trainer.wrap_models` and moves the directories that :meth:`Trainer.save`
+DDP) through :meth:`Trainer.wrap_models`, then compiles them (both in that order:
+``inpaint.distributed.prepare_for_training``), and moves the directories that :meth:`Trainer.save`
 writes; everything needed to continue exactly (both models, both optimizers, step, samples
 seen, RNG, config) goes through :meth:`state_dict` / :meth:`load_state_dict`. The data position
 belongs to the loader, not the trainer: the caller hands its loader to :meth:`save` and
@@ -121,6 +122,11 @@ def _optimizer(parameters: Iterable[nn.Parameter], lr: float, config: Config,
                             fused=True if device.type in ("cpu", "cuda") else None)
 
 
+def contextual_chunk(cx_chunk: int, batch_size: int, device: torch.device) -> int:
+    """``loss.cx_chunk`` resolved: 0 (auto) is the whole batch on CUDA, 1 elsewhere."""
+    return cx_chunk or (batch_size if device.type == "cuda" else 1)
+
+
 class Trainer:
     """Owns the networks, optimizers, losses and the phase schedule of one training run."""
 
@@ -136,12 +142,22 @@ class Trainer:
             # tails (down to exp(-80)) seed them into every backward convolution: flushing them to zero,
             # as GPUs do, takes 20-25% off a CPU step (benchmarks/RESULTS.md). The setting is per process.
             torch.set_flush_denormal(True)
+        if self.device.type == "cuda":
+            # Every shape of a run is static (the image and the local patch are fixed sizes), so cuDNN's
+            # autotuner picks each convolution's fastest algorithm once, on the first step. Per process.
+            torch.backends.cudnn.benchmark = True
         # None (auto): on where the device computes bf16 natively (CUDA, or a CPU with AMX / AVX512-BF16).
         self.bf16 = default_bf16(self.device) if config.runtime.bf16 is None else config.runtime.bf16
         self.channels_last = (default_channels_last(self.device) if config.runtime.channels_last is None
                               else config.runtime.channels_last)
         self.world_size = world_size
         self.rank = rank
+        # loss.cx_chunk=0 (auto): the whole batch at once on CUDA, where a loop per image launches B times
+        # the kernels (B x N x N fp32 at relu3_3: 117 MiB a copy at B = 12, nothing to an H200); one
+        # image at a time on CPU, where larger chunks only cost memory.
+        self.cx_chunk = contextual_chunk(config.loss.cx_chunk, config.data.batch_size, self.device)
+        # The discriminator the generator's frozen adversarial pass calls (see adversarial_discriminator).
+        self._adversarial_discriminator: nn.Module | None = None
         self.schedule = PhaseSchedule(config.schedule)
 
         torch.manual_seed(config.runtime.seed)  # identical initial weights on every rank
@@ -163,17 +179,43 @@ class Trainer:
 
     # ----------------------------------------------------------------- wiring
     def wrap_models(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
-        """Wrap both networks (e.g. in DDP); optimizers keep pointing at the same parameters."""
+        """Wrap both networks (e.g. in DDP); optimizers keep pointing at the same parameters.
+
+        Wrap before :meth:`compile` (``inpaint.distributed.prepare_for_training`` does both in order)."""
         self.generator = wrap(self.generator)
         self.discriminator = wrap(self.discriminator)
 
-    def compile(self) -> None:
-        """``torch.compile`` the networks and VGG16 (``runtime.compile``); call before :meth:`wrap_models`,
-        so the frozen adversarial pass, which skips DDP, still runs compiled."""
-        self.generator = torch.compile(self.generator)
-        self.discriminator = torch.compile(self.discriminator)
+    def compile(self, backend: str | Callable = "inductor") -> None:
+        """``torch.compile`` the networks and VGG16 (``runtime.compile``), with static shapes.
+
+        Call after :meth:`wrap_models`: compiling the DDP-wrapped network lets Dynamo's DDP optimizer
+        split the graph at DDP's bucket boundaries, so each bucket's allreduce starts while the rest of
+        the backward runs (a compiled module inside DDP hands DDP every gradient only at the end of
+        its one backward graph). The generator's frozen adversarial pass bypasses DDP: it gets the bare
+        discriminator, compiled on its own (:attr:`adversarial_discriminator`).
+
+        ``dynamic=False``: the discriminator sees a 2B batch in its own step and a B batch in the
+        adversarial pass; with torch's default the second shape recompiles with a symbolic batch size
+        (slower kernels, and every later shape is symbolic too). Static, each shape compiles once.
+        ``backend``: tests and CPU checks use ``aot_eager``.
+        """
+        if isinstance(self.generator, torch._dynamo.eval_frame.OptimizedModule):
+            return  # compiled already (e.g. a caller compiled before prepare_for_training)
+        in_ddp = isinstance(self.discriminator, nn.parallel.DistributedDataParallel)
+        self.generator = torch.compile(self.generator, backend=backend, dynamic=False)
+        self.discriminator = torch.compile(self.discriminator, backend=backend, dynamic=False)
+        self._adversarial_discriminator = (torch.compile(_unwrap(self.discriminator), backend=backend, dynamic=False)
+                                           if in_ddp else self.discriminator)
         if self.vgg is not None:
-            self.vgg = torch.compile(self.vgg)
+            self.vgg = torch.compile(self.vgg, backend=backend, dynamic=False)
+
+    @property
+    def adversarial_discriminator(self) -> nn.Module:
+        """The discriminator of the generator's adversarial pass: no DDP (its parameters are frozen
+        there, so DDP would wait for gradients that never come), compiled where the run compiles."""
+        if self._adversarial_discriminator is not None:
+            return self._adversarial_discriminator
+        return _without_ddp(self.discriminator)
 
     @property
     def phase(self) -> Phase:
@@ -253,7 +295,7 @@ class Trainer:
             out["g_cx"] = cx.detach()
         if adversarial:
             # The unwrapped, frozen discriminator: no DDP hooks fire and no gradient reaches it.
-            discriminator = _without_ddp(self.discriminator)
+            discriminator = self.adversarial_discriminator
             with frozen(discriminator), self._autocast(), record_function("discriminator"):
                 fake_logits = self._adversarial_logits(discriminator, image, completed, box)
             adv = generator_adversarial_loss(fake_logits)
@@ -292,7 +334,7 @@ class Trainer:
             per_layer = [
                 self.contextual_loss(completed_features[name].float(), original_features[name].float(),
                                      band_width=loss_cfg.cx_band_width, eps=loss_cfg.cx_eps,
-                                     chunk=loss_cfg.cx_chunk).mean()
+                                     chunk=self.cx_chunk).mean()
                 for name in loss_cfg.cx_layers
             ]
         return torch.stack(per_layer).mean()

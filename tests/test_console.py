@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cluster.console import ThroughputMeter, duration, keep_line, progress_line
 
@@ -24,9 +25,10 @@ def test_durations_read_like_a_person_would_write_them(seconds, text):
 
 def test_the_meter_reports_its_window_then_starts_a_new_one():
     now = [100.0]
-    meter = ThroughputMeter(world_size=2, clock=lambda: now[0])
+    meter = ThroughputMeter(torch.device("cpu"), world_size=2, clock=lambda: now[0])
     for _ in range(4):
-        meter.add(images=8, data_s=0.1, step_s=0.4)
+        meter.data(0.1)
+        meter.step(0.4, images=8)
     now[0] += 2.0
     window = meter.window()
     assert window["perf/images_per_s"] == pytest.approx(4 * 8 * 2 / 2.0)
@@ -34,7 +36,7 @@ def test_the_meter_reports_its_window_then_starts_a_new_one():
     assert window["perf/steps_per_s"] == pytest.approx(2.0)
     assert window["time/data(s)"] == pytest.approx(0.1) and window["time/step(s)"] == pytest.approx(0.4)
     now[0] += 1.0
-    meter.add(images=8, data_s=0.0, step_s=0.5)
+    meter.step(0.5, images=8)
     assert meter.window()["perf/steps_per_s"] == pytest.approx(1.0)  # only the new window counts
 
 

@@ -169,6 +169,28 @@ def test_a_mid_epoch_resume_continues_exactly(dataset, workers, consumed):
     assert _same_batches(before + after, reference)
 
 
+def test_worker_processes_live_across_epochs_and_later_epochs_follow_the_plan(dataset):
+    import multiprocessing
+
+    # 13 batches an epoch over 2 workers: epoch 1 starts on worker 1, epoch 2 on worker 0.
+    loader = _loader(dataset, workers=2)
+    stream = iter(loader)
+    first = _take(stream, 1)
+    workers = {child.pid for child in multiprocessing.active_children()}
+    rest = _take(stream, 2 * 13 + 1)
+    assert [b["epoch"] for b in first + rest] == [0] * 13 + [1] * 13 + [2] * 2
+    assert {child.pid for child in multiprocessing.active_children()} == workers and len(workers) == 2, \
+        "the DataLoader's workers were respawned at an epoch boundary"
+    # Each later epoch is the batch sequence a loader started at that epoch makes.
+    for epoch in (1, 2):
+        fresh = _loader(dataset, workers=2)
+        fresh.load_state_dict({**loader.state_dict(), "epoch": epoch, "batches": 0,
+                               "stages": [{"world_size": 1, "num_workers": 2, "batch_size": 3, "batches": 0}]})
+        want = _take(iter(fresh), 13 if epoch == 1 else 2)
+        got = (first + rest)[13 * epoch:13 * epoch + len(want)]
+        assert _same_batches(got, want)
+
+
 def test_resume_across_a_new_world_size_and_worker_count_repeats_and_skips_nothing(dataset):
     old = [_loader(dataset, rank, world=2) for rank in range(2)]
     iterators = [iter(loader) for loader in old]

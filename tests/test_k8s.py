@@ -432,6 +432,33 @@ def test_ray_containers_mount_a_memory_backed_dev_shm(builds, overlay):
                     "/dev/shm counts against the container's memory limit"
 
 
+@pytest.mark.parametrize("overlay", [name for name, gpu in GPU_OVERLAYS.items() if gpu])
+def test_gpu_training_runs_one_pod_per_node_with_all_its_gpus_cores_for_loaders_and_nccl_settings(builds, overlay):
+    job, args = training(builds[overlay])
+    config = apply_overrides(recipes.get(args.recipe), args.overrides)
+    workers = max(int(n) for n in args.workers.split("-"))
+    for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        spec = group["template"]["spec"]
+        ray_container = spec["containers"][0]
+        per_pod = gpus(ray_container)
+        # Several training workers per pod: NCCL between them goes over NVLink / shared memory, not TCP.
+        assert per_pod >= 2 and workers == group["replicas"] * per_pod, \
+            f"{group['groupName']}: {per_pod} GPU(s) per pod for {workers} workers: give each pod a node's GPUs"
+        # Each worker's training process and its DataLoader processes get a core each, and all fit the pod.
+        assert args.cpus_per_worker >= 1 + config.data.num_workers, \
+            f"--cpus-per-worker {args.cpus_per_worker} leaves the {config.data.num_workers} loader workers no cores"
+        assert per_pod * args.cpus_per_worker <= cpu_cores(ray_container["resources"]["limits"]["cpu"])
+        # /dev/shm holds Ray's object store, NCCL's shared-memory transport and the loaders' buffers.
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in ray_container["volumeMounts"]}
+        shm = memory_bytes(volumes[mounts["/dev/shm"]]["emptyDir"]["sizeLimit"])
+        assert shm >= per_pod * 2**30, "/dev/shm: at least 1 GiB per GPU"
+        store = group.get("rayStartParams", {}).get("object-store-memory")
+        assert store is None or int(store) <= shm // 2, "Ray's object store would crowd /dev/shm"
+        env = {item["name"]: item.get("value") for item in ray_container.get("env", [])}
+        assert env.get("NCCL_DEBUG") == "WARN" and env.get("NCCL_SOCKET_IFNAME"), "NCCL settings (k8s/README.md)"
+
+
 def dockerfile() -> str:
     """The text of k8s/Dockerfile."""
     return (K8S / "Dockerfile").read_text()
@@ -476,6 +503,12 @@ def test_dockerfile_builds_on_the_matching_ray_image_with_pinned_cuda_torch():
     text = dockerfile()
     assert "FROM rayproject/ray:${RAY_VERSION}-py311-${PLATFORM}" in text
     assert dockerfile_arg("PLATFORM").startswith("cu"), "the default build is the GPU one"
+    import torch
+
+    if torch.version.cuda:  # a CUDA build of torch runs the tests: the image must install that very build
+        tested = "cu" + torch.version.cuda.replace(".", "")
+        assert dockerfile_arg("PLATFORM") == tested, \
+            f"the image installs torch for {dockerfile_arg('PLATFORM')}, the tests run its {tested} build"
     assert "--index-url https://download.pytorch.org/whl/${PLATFORM}" in text
     for package in ("torch", "torchvision"):
         match = re.search(rf"\b{package}==(\S+)", text)

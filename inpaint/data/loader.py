@@ -182,11 +182,44 @@ class _Batch:
 _DRAWS_CHUNK = 1024  # samples whose draws are made at once
 
 
+class _LaterEpochs:
+    """What a worker needs to plan the full epochs after the first one on its own (see _EpochShare)."""
+
+    def __init__(self, shard_sizes: list[int], structure: Structure, rank: int, epoch: int, first_batches: int,
+                 seed: int) -> None:
+        self.shard_sizes = shard_sizes
+        self.structure = structure
+        self.rank = rank
+        self.epoch = epoch  # the first (possibly partial) epoch's number
+        self.first_batches = first_batches  # the rank batches left in it
+        self.seed = seed
+
+    def shares(self, worker: int) -> Iterator[tuple[int, WorkerShare]]:
+        """(epoch, this worker's share of it) for every epoch after the first, endlessly.
+
+        The DataLoader takes its batch n from worker n % W (round robin from its start, W workers,
+        none ever exhausted), and rank batch j of an epoch belongs to share j % W. An epoch whose
+        first batch is the DataLoader's batch n therefore has worker k serve share (k - n) mod W.
+        """
+        workers = self.structure.workers
+        start = self.first_batches
+        full = self.structure.batches(sum(self.shard_sizes))
+        epoch = self.epoch
+        while True:
+            epoch += 1
+            shares = rank_shares(epoch_order(self.shard_sizes, self.seed, epoch), self.structure, self.rank, 0)
+            yield epoch, shares[(worker - start) % workers]
+            start += full
+
+
 class _EpochShare(IterableDataset):
-    """One rank's batches for (the rest of) one epoch; each DataLoader worker makes its own share."""
+    """One rank's batches from its position on: the rest of the current epoch, then (with ``later``)
+    every epoch after it. Each DataLoader worker makes its own share of each epoch, so one DataLoader,
+    and its worker processes, serve the whole run: no respawned workers, no refilled prefetch queue
+    at each epoch boundary."""
 
     def __init__(self, reader: SplitReader, shares: list[WorkerShare], rotation: int, epoch: int, seed: int,
-                 batch_size: int, image_size: int, sampler: Any) -> None:
+                 batch_size: int, image_size: int, sampler: Any, later: _LaterEpochs | None = None) -> None:
         self.reader = reader
         self.shares = shares
         self.rotation = rotation
@@ -195,13 +228,19 @@ class _EpochShare(IterableDataset):
         self.batch_size = batch_size
         self.image_size = image_size
         self.sampler = sampler
+        self.later = later
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
+        worker = info.id if info else 0
+        # One ring of buffers per worker for the whole stream (see _SlotRing).
+        ring = _SlotRing(self.batch_size, self.image_size, info.num_workers) if info is not None else None
         # After a resume the DataLoader starts with its worker 0; rotating keeps the rank's batch
         # sequence (batch j from worker j % W) exactly as an uninterrupted run makes it.
-        share = self.shares[((info.id if info else 0) + self.rotation) % len(self.shares)]
-        return self._batches(share)
+        yield from self._batches(self.shares[(worker + self.rotation) % len(self.shares)], self.epoch, ring)
+        if self.later is not None:
+            for epoch, share in self.later.shares(worker):
+                yield from self._batches(share, epoch, ring)
 
     def _fill(self, batch: _Batch, row: int, draws: SampleDraws, key: str, image: torch.Tensor) -> None:
         size = self.image_size
@@ -213,10 +252,8 @@ class _EpochShare(IterableDataset):
         batch.keys[row] = key
         batch.filled += 1
 
-    def _batches(self, share: WorkerShare) -> Iterator[dict]:
-        batch_size, epoch = self.batch_size, self.epoch
-        info = get_worker_info()
-        ring = _SlotRing(batch_size, self.image_size, info.num_workers) if info is not None else None
+    def _batches(self, share: WorkerShare, epoch: int, ring: _SlotRing | None) -> Iterator[dict]:
+        batch_size = self.batch_size
         ids = share.samples[share.done * batch_size:]
         batches: deque[_Batch] = deque()  # more than one only while a lost sample awaits its replacement
         waiting: list[tuple[_Batch, int, SampleDraws]] = []  # rows whose sample was lost
@@ -295,21 +332,31 @@ class TrainLoader:
     def _shard_sizes(self) -> list[int]:
         return [shard.samples for shard in self.split.shards]
 
-    def _epoch_batches(self) -> Iterator[dict]:
-        """The batches left in the current epoch, as planned (see :mod:`inpaint.data.plan`)."""
-        order = epoch_order(self._shard_sizes(), self.data_cfg.seed, self.epoch)
-        remaining = remaining_after(order, self._stages)
-        if self._consumed >= self.structure.batches(len(remaining)):
-            return iter(())
+    def _stream(self) -> tuple[int, Iterator[dict]]:
+        """(rank batches left in the current epoch, every batch from here on, epoch after epoch).
+
+        The rest of the current epoch is planned from the position (see :mod:`inpaint.data.plan`);
+        the later epochs, always whole, each worker plans for itself (:class:`_LaterEpochs`). An epoch
+        with nothing left is stepped over here.
+        """
+        while True:
+            order = epoch_order(self._shard_sizes(), self.data_cfg.seed, self.epoch)
+            remaining = remaining_after(order, self._stages)
+            left = self.structure.batches(len(remaining)) - self._consumed
+            if left > 0:
+                break
+            self.epoch, self._stages, self._consumed = self.epoch + 1, [], 0
         shares = rank_shares(remaining, self.structure, self.rank, self._consumed)
+        later = _LaterEpochs(self._shard_sizes(), self.structure, self.rank, self.epoch, left, self.data_cfg.seed)
         dataset = _EpochShare(SplitReader(self.index, self.split, self.storage_options), shares,
                               self._consumed % self.structure.workers, self.epoch, self.data_cfg.seed,
-                              self.structure.batch_size, self.image_size, self.sampler)
+                              self.structure.batch_size, self.image_size, self.sampler, later)
         workers = self.data_cfg.num_workers
         # With workers, batches are pinned as they are copied out of the workers' buffers (_received).
-        return iter(DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=workers,
-                               pin_memory=self.pin_memory and not workers, persistent_workers=False,
-                               prefetch_factor=PREFETCH_FACTOR if workers else None))
+        # One endless iterator: its workers live as long as this loader iterates (persistent across epochs).
+        return left, iter(DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=workers,
+                                     pin_memory=self.pin_memory and not workers,
+                                     prefetch_factor=PREFETCH_FACTOR if workers else None))
 
     def _received(self, batch: dict, buffers: dict) -> dict:
         """A worker's batch copied out of its reusable buffer (see :class:`_SlotRing`) into memory of
@@ -327,20 +374,24 @@ class TrainLoader:
         return batch
 
     def __iter__(self) -> Iterator[dict]:
+        left, stream = self._stream()
+        buffers: dict = {}  # the workers' buffers
         while True:
-            buffers: dict = {}  # the current epoch's workers' buffers
-            for received in self._epoch_batches():
-                batch = self._received(received, buffers)
-                lost = batch.pop("skipped")
-                if lost:
-                    self.skipped += len(lost)
-                    self.skipped_keys.update(lost)
-                    log.warning("epoch %d: replaced %d lost samples (%s); %d so far", self.epoch, len(lost),
-                                ", ".join(lost), self.skipped)
-                self._consumed += 1
-                yield batch
-            self.epoch += 1
-            self._stages, self._consumed = [], 0
+            if not left:  # the previous epoch is done: its state stayed until this next batch was asked for
+                self.epoch, self._stages, self._consumed = self.epoch + 1, [], 0
+                left = self.batches_per_epoch
+            batch = self._received(next(stream), buffers)
+            if batch["epoch"] != self.epoch:  # the workers' own plan of later epochs disagrees with ours
+                raise RuntimeError(f"loader out of step: a batch of epoch {batch['epoch']} in epoch {self.epoch}")
+            lost = batch.pop("skipped")
+            if lost:
+                self.skipped += len(lost)
+                self.skipped_keys.update(lost)
+                log.warning("epoch %d: replaced %d lost samples (%s); %d so far", self.epoch, len(lost),
+                            ", ".join(lost), self.skipped)
+            self._consumed += 1
+            left -= 1
+            yield batch
 
     def merge_skipped(self, keys: Iterable[str]) -> None:
         """Add samples other ranks lost, so that :meth:`state_dict` lists every rank's."""
