@@ -64,7 +64,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from benchmarks import vocabulary  # noqa: E402
 from benchmarks.machine import describe_device, synchronize  # noqa: E402
@@ -76,6 +75,7 @@ from benchmarks.vocabulary import OPTIMIZED, PHASES  # noqa: E402
 from benchmarks.workloads import Workload, make_dataset  # noqa: E402
 from inpaint.config import ConfigError, DataConfig  # noqa: E402
 from inpaint.data import make_train_loader  # noqa: E402
+from inpaint.distributed import prepare_for_training  # noqa: E402
 from inpaint.trainer import Trainer  # noqa: E402
 
 MIB = 2**20
@@ -273,22 +273,8 @@ def tf32(enabled: bool):
 
 # ----------------------------------------------------------------------------- building steps
 def prepare(trainer: Trainer, device: torch.device, *, compiled: bool, ddp: bool) -> None:
-    """Compile and DDP-wrap the trainer's networks as training does. The one place that does both: switch
-    it to the training code's own function when it has one."""
-    comm = getattr(trainer.config.runtime, "ddp_comm", None)  # the bf16 compression hook, where it exists
-
-    def wrap(module: torch.nn.Module) -> torch.nn.Module:
-        wrapped = DistributedDataParallel(module, device_ids=[device.index or 0] if device.type == "cuda" else None)
-        if comm == "bf16":
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-            wrapped.register_comm_hook(None, default_hooks.bf16_compress_hook)
-        return wrapped
-
-    if compiled:
-        trainer.compile()
-    if ddp:
-        trainer.wrap_models(wrap)
+    """DDP-wrap (with ``runtime.ddp_comm``'s hook), then compile, as training does (inpaint.distributed)."""
+    prepare_for_training(trainer, device, 1, ddp=ddp, compile=compiled)
 
 
 def fixed_batches(url: str, config, count: int, device: torch.device) -> list[dict]:
@@ -543,7 +529,8 @@ def checkpoint_save(check: Check, folder: Path) -> dict[str, Any]:
     size = sum(f.stat().st_size for f in files)
     return {"save_s": seconds, "bytes": size, "mib": size / MIB, "mib_per_s": size / MIB / seconds,
             "files": len(files), "where": "local disk (a cluster adds the upload)",
-            "every_steps": runner.config.checkpoint.every_steps}
+            "every_steps": runner.config.checkpoint.every_steps,
+            "every_minutes": runner.config.checkpoint.every_minutes}
 
 
 # ----------------------------------------------------------------------------- compile, in a child process
@@ -691,7 +678,8 @@ def projection_figures(sections: dict[str, Any], batch: int, gbps: float) -> dic
     checkpoint = sections.get("checkpoint", {})
     save_s, every = checkpoint.get("save_s", 0.0), checkpoint.get("every_steps")
     iterations = paper_iterations()
-    common = {"save_s": save_s, "save_every_steps": every}
+    common = {"save_s": save_s, "save_every_steps": every,
+              "save_every_minutes": checkpoint.get("every_minutes") or 0.0}
     devices = {"1": schedule_hours(step_s, iterations, devices=1, **common),
                "8, unit=iterations": schedule_hours(step_s, iterations, devices=EIGHT, unit="iterations",
                                                     comm_s=comm, **common),
@@ -704,7 +692,8 @@ def projection_figures(sections: dict[str, Any], batch: int, gbps: float) -> dic
                           "default) counts them per step: 8 GPUs run all of them at 8x the global batch (8x the "
                           "images, the same hours plus communication). schedule.unit=samples counts images: 8 GPUs "
                           "see the paper's images in 1/8 of the steps. Communication is not overlapped (an upper "
-                          "bound); checkpoints every checkpoint.every_steps at the measured save time, upload apart")}
+                          "bound); checkpoints at the recipe's cadence (checkpoint.every_steps / every_minutes) at the measured "
+                          "save time, upload apart")}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -775,7 +764,13 @@ def run(options: Options, output: Path) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     failed = [n for n, e in sections.items() if isinstance(e, dict) and "failed" in e]
-    results["status"].update(complete=not failed and not results["status"]["stopped"], failed=failed)
+    # Sections the budget left out make the run incomplete too: it stopped at the deadline, just
+    # between sections rather than inside one.
+    out_of_time = [n for n, e in sections.items() if isinstance(e, dict) and str(e.get("skipped", "")).startswith("budget:")]
+    if out_of_time and not results["status"]["stopped"]:
+        results["status"]["stopped"] = f"stopped at the --budget-s deadline ({options.budget_s:g} s)"
+    results["status"].update(complete=not failed and not results["status"]["stopped"], failed=failed,
+                             out_of_time=out_of_time)
     guard.write()
     return guard.exit_code or (1 if failed or results["status"]["stopped"] else 0)
 
@@ -849,7 +844,8 @@ def _checkpoint(e: dict[str, Any] | None) -> str:
     if e is None or (why := _failed_or_skipped(e)) is not None:
         return why if e else "not run"
     return (f"Trainer.save of the joint state: {e['save_s']:.2f} s, {e['mib']:.0f} MiB in {e['files']} files "
-            f"({e['mib_per_s']:.0f} MiB/s, {e['where']}); every {e['every_steps']} steps in the recipe")
+            f"({e['mib_per_s']:.0f} MiB/s, {e['where']}); every {e['every_steps'] or '-'} steps / "
+            f"{e.get('every_minutes') or '-'} min in the recipe")
 
 
 def _allreduce(e: dict[str, Any]) -> str:

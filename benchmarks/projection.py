@@ -23,17 +23,20 @@ def ring_allreduce_bytes(nbytes: float, world: int) -> float:
 
 def schedule_hours(step_s: dict[str, float], iterations: dict[str, int], *, devices: int = 1,
                    unit: str = "iterations", comm_s: dict[str, float] | None = None, save_s: float = 0.0,
-                   save_every_steps: int | None = None) -> dict[str, Any]:
+                   save_every_steps: int | None = None, save_every_minutes: float = 0.0) -> dict[str, Any]:
     """Hours of a schedule on ``devices`` devices, each keeping the per-device batch of ``step_s``.
 
     ``unit="iterations"`` (the trainer's default): every device runs every iteration, so more devices
     train on more images in the same steps; ``"samples"``: the same images in 1/devices of the steps.
     ``comm_s`` (seconds per step and phase, counted only with several devices) is added to each step as
-    if nothing overlapped it: an upper bound. A checkpoint costs ``save_s`` every ``save_every_steps``."""
+    if nothing overlapped it: an upper bound. A checkpoint costs ``save_s`` every ``save_every_steps``
+    and/or every ``save_every_minutes`` of training (``checkpoint.every_minutes``), whichever comes first."""
     per_device = {p: n if unit == "iterations" else math.ceil(n / devices) for p, n in iterations.items()}
     compute = sum(per_device[p] * step_s[p] for p in per_device)
     comm = sum(per_device[p] * (comm_s or {}).get(p, 0.0) for p in per_device) if devices > 1 else 0.0
-    saves = sum(per_device.values()) // save_every_steps if save_every_steps else 0
+    by_steps = sum(per_device.values()) // save_every_steps if save_every_steps else 0
+    by_time = int((compute + comm) // (save_every_minutes * 60)) if save_every_minutes else 0
+    saves = max(by_steps, by_time)
     total = compute + comm + saves * save_s
     return {"hours": total / 3600, "compute_hours": compute / 3600, "communication_hours": comm / 3600,
             "checkpoint_hours": saves * save_s / 3600, "steps_per_device": per_device, "checkpoints": saves}

@@ -37,7 +37,8 @@ def _ddp(module: nn.Module, device: torch.device, comm: str) -> DistributedDataP
 
 
 def prepare_for_training(trainer: Trainer, device: torch.device | str, world_size: int, *,
-                         backend: str | Callable = "inductor") -> None:
+                         backend: str | Callable | None = None, ddp: bool | None = None,
+                         compile: bool | None = None) -> None:
     """Wrap the trainer's networks in DDP (world size > 1) with ``runtime.ddp_comm``'s hook, then
     compile them when ``runtime.compile`` is set.
 
@@ -47,13 +48,15 @@ def prepare_for_training(trainer: Trainer, device: torch.device | str, world_siz
     at the end of one compiled backward and communicate after it. The generator's frozen
     adversarial pass bypasses DDP and gets the bare discriminator, compiled on its own
     (:meth:`Trainer.compile`). Call once, after restoring a checkpoint (DDP broadcasts rank 0's
-    weights when it wraps). ``backend``: ``torch.compile``'s (CPU tests use ``aot_eager``).
+    weights when it wraps). ``backend``: ``torch.compile``'s (its default, inductor, when None; CPU tests use ``aot_eager``).
+    ``ddp`` and ``compile`` default to world size > 1 and ``runtime.compile``; the GPU check sets
+    them to measure DDP's allreduce in one process, and each variant.
     """
     device = torch.device(device)
     runtime = trainer.config.runtime
-    if world_size > 1:
+    if world_size > 1 if ddp is None else ddp:
         trainer.wrap_models(lambda module: _ddp(module, device, runtime.ddp_comm))
-    if runtime.compile:
+    if runtime.compile if compile is None else compile:
         trainer.compile(backend=backend)
 
 

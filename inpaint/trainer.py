@@ -185,7 +185,7 @@ class Trainer:
         self.generator = wrap(self.generator)
         self.discriminator = wrap(self.discriminator)
 
-    def compile(self, backend: str | Callable = "inductor") -> None:
+    def compile(self, backend: str | Callable | None = None) -> None:
         """``torch.compile`` the networks and VGG16 (``runtime.compile``), with static shapes.
 
         Call after :meth:`wrap_models`: compiling the DDP-wrapped network lets Dynamo's DDP optimizer
@@ -197,17 +197,18 @@ class Trainer:
         ``dynamic=False``: the discriminator sees a 2B batch in its own step and a B batch in the
         adversarial pass; with torch's default the second shape recompiles with a symbolic batch size
         (slower kernels, and every later shape is symbolic too). Static, each shape compiles once.
-        ``backend``: tests and CPU checks use ``aot_eager``.
+        ``backend``: torch.compile's default (inductor) when None; tests and CPU checks use ``aot_eager``.
         """
         if isinstance(self.generator, torch._dynamo.eval_frame.OptimizedModule):
             return  # compiled already (e.g. a caller compiled before prepare_for_training)
+        options: dict[str, Any] = {"dynamic": False, **({} if backend is None else {"backend": backend})}
         in_ddp = isinstance(self.discriminator, nn.parallel.DistributedDataParallel)
-        self.generator = torch.compile(self.generator, backend=backend, dynamic=False)
-        self.discriminator = torch.compile(self.discriminator, backend=backend, dynamic=False)
-        self._adversarial_discriminator = (torch.compile(_unwrap(self.discriminator), backend=backend, dynamic=False)
+        self.generator = torch.compile(self.generator, **options)
+        self.discriminator = torch.compile(self.discriminator, **options)
+        self._adversarial_discriminator = (torch.compile(_unwrap(self.discriminator), **options)
                                            if in_ddp else self.discriminator)
         if self.vgg is not None:
-            self.vgg = torch.compile(self.vgg, backend=backend, dynamic=False)
+            self.vgg = torch.compile(self.vgg, **options)
 
     @property
     def adversarial_discriminator(self) -> nn.Module:
