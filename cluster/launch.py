@@ -16,6 +16,7 @@ from pathlib import Path
 from cluster.ray_runtime import ensure_ray
 from cluster.ray_storage import pyarrow_filesystem
 from inpaint import recipes, storage
+from inpaint.cli import check_run_name
 from inpaint.config import Config, ConfigError, apply_overrides
 from inpaint.run_folder import RunPaths, checkpoint_urls
 from inpaint.storage import normalize
@@ -26,6 +27,24 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 class UserError(Exception):
     """A mistake in the request; the job prints it as one line and exits with code 2."""
+
+
+MAX_FAILURES = 10_000
+# Storage every Ray worker and the driver reach alike: local paths (one machine, or a shared
+# mount) and object stores. memory:// lives in one process, and ftp:// and the like are not
+# storage Ray Train can write checkpoints to.
+SHARED_SCHEMES = ("s3", "gs", "gcs")
+
+
+def check_shared_url(flag: str, url: str) -> None:
+    """UserError unless ``url`` is a non-empty local path or an object-store URL."""
+    if not url.strip():
+        raise UserError(f"{flag}: expected a path or URL, got {url!r}")
+    if storage.is_remote(url):
+        scheme = url.split("://", 1)[0]
+        if scheme not in SHARED_SCHEMES:
+            raise UserError(f"{flag} {url}: {scheme}:// is not supported; use a local path or "
+                            f"{', '.join(f'{s}://' for s in SHARED_SCHEMES)}")
 
 
 def parse_workers(text: str) -> int | tuple[int, int]:
@@ -77,6 +96,9 @@ class TrainRequest:
         ``data`` None is the built-in sample, packed under ``default_data`` on first use;
         ``resource_timeout_s`` None waits 600 s on a cluster (RAY_ADDRESS set) and not at all locally.
         """
+        for flag, url in (("--storage", storage), ("--data", data)):
+            if url is not None:
+                check_shared_url(flag, url)
         try:
             config = apply_overrides(recipes.get(recipe), overrides)
         except ConfigError as exc:
@@ -86,6 +108,8 @@ class TrainRequest:
         data = normalize(data)
         # The workers' device follows --gpu (Ray places one GPU per worker); an explicit --set
         # runtime.device that says otherwise is a contradiction, not something to override quietly.
+        if any(item.partition("=")[0].strip() == "data.url" for item in overrides):
+            raise UserError("--set data.url: the dataset is given with --data (data.url is set from it)")
         asked = [item.partition("=")[2].strip() for item in overrides
                  if item.partition("=")[0].strip() == "runtime.device"]
         if asked and asked[-1] != "auto" and asked[-1].startswith("cuda") != gpu:
@@ -93,11 +117,14 @@ class TrainRequest:
                             "training runs on GPUs exactly when --gpu is given; drop the --set")
         config = config.replace(data=dataclasses.replace(config.data, url=data),
                                 runtime=dataclasses.replace(config.runtime, device="cuda" if gpu else "cpu"))
-        name = name or f"{config.recipe}-{Path(data.rstrip('/')).name}"
-        if not name or "/" in name:
-            raise UserError(f"--name: a run name is one path segment, got {name!r}")
-        if max_failures < -1:
-            raise UserError("--max-failures: expected -1 (unlimited) or a count >= 0")
+        if name is None:
+            name = f"{config.recipe}-{Path(data.rstrip('/')).name}"
+        try:
+            check_run_name(name)
+        except ValueError as exc:
+            raise UserError(f"--name: {exc}") from None
+        if not -1 <= max_failures <= MAX_FAILURES:
+            raise UserError(f"--max-failures: expected -1 (unlimited) or a count from 0 to {MAX_FAILURES}")
         if cpus_per_worker <= 0:
             raise UserError("--cpus-per-worker: must be > 0")
         if resource_timeout_s is None:
@@ -169,9 +196,14 @@ def _check_data(request: TrainRequest) -> None:
     data = request.config.data
     try:
         index = load_index(data.url, request.storage_options or None)
-        available = index.split_size(data.train_split)  # a mistyped data.train_split is a DataError too
     except DataError as exc:
         raise UserError(str(exc)) from None
+    for field_name in ("train_split", "eval_split"):  # the final evaluation reads eval_split
+        split = getattr(data, field_name)
+        if split not in index.splits:
+            raise UserError(f"data.{field_name}: {data.url} has no split {split!r} "
+                            f"(splits: {', '.join(sorted(index.splits))})")
+    available = index.split_size(data.train_split)
     needed = data.batch_size * (request.workers if isinstance(request.workers, int) else request.workers[1])
     if available < needed:
         raise UserError(f"data {data.url}: split {data.train_split!r} has {available} images, fewer than one "
@@ -199,7 +231,7 @@ def _check_vgg_weights(request: TrainRequest) -> None:
 # else (the model, losses, masks, optimizer, the earlier phases, batch size, seeds) would make the
 # checkpoint mean something else, or not load at all.
 RESUMABLE_FIELDS = ("data.url", "data.num_workers", "checkpoint.*", "log.*", "runtime.device", "runtime.bf16",
-                    "runtime.channels_last", "runtime.compile", "schedule.joint_steps")
+                    "runtime.channels_last", "runtime.compile", "schedule.joint_steps", "optim.max_nonfinite_steps")
 
 
 def _flat(document: dict, prefix: str = "") -> dict[str, object]:
@@ -337,12 +369,15 @@ def run_training(request: TrainRequest) -> TrainSummary:
     _check_placeable(request)
     import ray.train
 
+    from cluster.train_loop import DIVERGED
+
     trainer = build_trainer(request)
     try:
-        trainer.fit()
+        result = trainer.fit()
     except ray.train.WorkerGroupError as exc:
         return TrainSummary(ok=False, run=request.run, step=None, phase=None, checkpoint=None,
                             error=f"training failed after {request.max_failures} restart(s): {exc}")
+    diverged = (getattr(result, "metrics", None) or {}).get(DIVERGED)
     # The run folder, not Ray's result, says where the run stands: Ray's record can lag it (a job
     # killed between upload and registration), and a run found finished reports no new checkpoint.
     step = phase = location = None
@@ -350,6 +385,8 @@ def run_training(request: TrainRequest) -> TrainSummary:
     if found:  # the newest complete checkpoint: the one the next resume starts from
         location, meta = found[-1]
         step, phase = meta.get("step"), meta.get("phase")
+    if diverged:  # stopped by the training loop: no checkpoint after the divergence, nothing to evaluate
+        return TrainSummary(ok=False, run=request.run, step=step, phase=phase, checkpoint=location, error=diverged)
     summary = TrainSummary(ok=True, run=request.run, step=step, phase=phase, checkpoint=location)
     if request.evaluate and location is not None:
         summary.evaluation, summary.report = evaluate_final(location, request)

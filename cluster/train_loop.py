@@ -188,6 +188,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     window_start = time.perf_counter()
     window_images = 0
     data_time = step_time = 0.0
+    reported_nonfinite = 0
     try:
         data_iter = iter(loader)
         while not trainer.done:
@@ -207,7 +208,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if keys is not None:
                 keys.add(step, trainer.samples_seen, phase.value, batch)
 
-            if writer is not None and step % config.log.every_steps == 0:
+            logged = step % config.log.every_steps == 0
+            boundary = trainer.schedule.crosses_boundary(before, (trainer.step, trainer.samples_seen))
+            checkpointing = step % every == 0 or boundary or trainer.done
+            if logged or checkpointing:  # the loop syncs here anyway: read the non-finite step counts
+                skipped_nonfinite, diverged = trainer.nonfinite_status()
+                if skipped_nonfinite > reported_nonfinite and rank == 0:
+                    log.warning("step %d: %d step(s) so far skipped for a non-finite loss or gradient",
+                                step, skipped_nonfinite)
+                reported_nonfinite = skipped_nonfinite
+                if diverged:
+                    _stop_diverged(trainer, diverged, rank)
+                    return
+            if writer is not None and logged:
                 elapsed = time.perf_counter() - window_start
                 steps_in_window = max(1, window_images // batch_size)
                 scalars = {k: float(v) for k, v in losses.items()}
@@ -222,6 +235,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "lr/generator": trainer.g_optimizer.param_groups[0]["lr"],
                     "lr/discriminator": trainer.d_optimizer.param_groups[0]["lr"],
                     "data/epoch": batch.get("epoch", 0),
+                    "train/skipped_nonfinite": skipped_nonfinite,
                 })
                 writer.scalars(scalars, step)
                 log.info("step %d phase %s %s | %.1f img/s", step, phase.value,
@@ -233,14 +247,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 count = config.log.image_count
                 writer.image_grid(masked[:count], completed[:count], original[:count], step)
 
-            boundary = trainer.schedule.crosses_boundary(before, (trainer.step, trainer.samples_seen))
-            if step % every == 0 or boundary or trainer.done:
+            if checkpointing:
                 if keys is not None:
                     keys.flush(step)
                 _report(trainer, loader, losses, rank, writer)
     finally:
         if writer is not None:
             writer.close()
+
+
+DIVERGED = "diverged"  # the metric a run stopped for non-finite training reports (cluster/launch.py reads it)
+
+
+def _stop_diverged(trainer: Trainer, reason: str, rank: int) -> None:
+    """End training without a checkpoint: every rank reports the reason (a barrier), none saves.
+
+    Every rank reaches this at the same step (the gradients checked are all-reduced), and the
+    worker returns normally, so Ray does not restart a run that would only diverge again.
+    """
+    if rank == 0:
+        log.error("%s", reason)
+    ray.train.report({DIVERGED: reason, "step": trainer.step, "phase": trainer.phase.value})
 
 
 def _report(trainer: Trainer, loader: TrainLoader, losses: dict[str, torch.Tensor], rank: int,

@@ -37,6 +37,8 @@ SAMPLE_KEYS = "sample_keys"  # the log.sample_keys debug hook's records (cluster
 EVAL_EVENTS = "eval"  # RUN/tensorboard/eval: a checkpoint's evaluation scalars
 CLAIM = "CLAIM"  # RUN/evaluations/<checkpoint>/CLAIM: a watcher is evaluating it
 UNLOADABLE = "UNLOADABLE"  # beside CLAIM: it verifies but cannot be loaded; never retried
+UNLOADABLE_SUFFIX = ".unloadable"  # RUN/checkpoint_X.unloadable/: moved aside by a resume, with REASON
+REASON = "REASON"
 
 
 def checkpoint_name(step: int) -> str:
@@ -111,18 +113,42 @@ def run_of_checkpoint(checkpoint_url: str) -> RunPaths:
     return RunPaths.of(storage.parent(checkpoint_url))
 
 
+def incomplete_files(folder_url: str, meta: dict[str, Any]) -> list[str]:
+    """The files ``meta`` lists that the folder lacks or holds at another size (a listing, no reads).
+
+    The marker ``meta.json`` is written last, but a copy of the folder to storage (Ray's upload,
+    an interrupted sync, a full disk) does not keep that order: a marker is only trusted when
+    every file it lists is there at its recorded size. The sha256 check is left to loading.
+    """
+    sizes = storage.file_sizes(folder_url)
+    return [name for name, entry in meta.get("files", {}).items() if sizes.get(name) != entry.get("bytes")]
+
+
 def checkpoint_urls(run_url: str) -> list[tuple[str, dict[str, Any]]]:
-    """(URL, meta) of each checkpoint with a meta.json directly under a run folder, oldest step first."""
+    """(URL, meta) of each complete checkpoint directly under a run folder, oldest step first.
+
+    Complete: a meta.json of the right shape, and every file it lists present at its size.
+    """
     found = []
     for folder in storage.list_subdirs(run_url):
         name = storage.name(folder)
-        document = storage.read_json(storage.join(folder, META_FILE))
+        if name.endswith(UNLOADABLE_SUFFIX):
+            continue  # a checkpoint a resume moved aside
+        try:
+            document = storage.read_json(storage.join(folder, META_FILE))
+        except storage.StorageError as exc:  # a FIFO or a huge file named meta.json, unreadable
+            log.warning("skipping %s: %s", name, exc)
+            continue
         if document is None:
             continue  # not a checkpoint (tensorboard/, evaluations/) or one still being written
         try:
             meta = check_meta_shape(document, name)
         except UnloadableCheckpoint as exc:
             log.warning("skipping %s: %s", name, exc)
+            continue
+        missing = incomplete_files(folder, meta)
+        if missing:
+            log.warning("skipping %s: incomplete, %s missing or of the wrong size", name, ", ".join(missing))
             continue
         found.append((meta.get("step", -1), name, storage.join(run_url, name), meta))
     return [(url, meta) for _, _, url, meta in sorted(found, key=lambda item: item[:2])]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
-from inpaint.cli import OneLineParser, fraction, positive_int, seed_int  # noqa: E402  (light: no torch)
+from inpaint.cli import OneLineParser, fraction, non_empty, path_text, positive_int, seed_int  # noqa: E402  (light: no torch)
 
 DATASETS = ("celeba", "lfw", "folder", "sample")
 
@@ -27,9 +27,9 @@ DATASETS = ("celeba", "lfw", "folder", "sample")
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="source layout")
-    parser.add_argument("--source", default=None, help="folder or archive as published (not for sample)")
-    parser.add_argument("--output", required=True, help="dataset folder URL: local path or s3://bucket/prefix")
-    parser.add_argument("--split", default=None,
+    parser.add_argument("--source", default=None, type=path_text, help="folder or archive as published (not for sample)")
+    parser.add_argument("--output", required=True, type=path_text, help="dataset folder URL: local path or s3://bucket/prefix")
+    parser.add_argument("--split", default=None, type=non_empty,
                         help="celeba: official (default) | paper; lfw: official (default) | person; others: random")
     parser.add_argument("--shard-size", type=positive_int, default=None,
                         help="images per shard (default: 1000; 32 for sample)")
