@@ -330,6 +330,44 @@ def _check_placeable(request: TrainRequest) -> None:
         time.sleep(5)
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of reported checkpoints, in the run folder
+
+
+def _check_ray_snapshot(request: TrainRequest) -> None:
+    """Move aside a Ray checkpoint-manager snapshot that Ray could not load (it would raise in fit()).
+
+    The snapshot only repeats what the run folder holds: our checkpoints are found and verified
+    from the folder itself (:func:`cluster.train_loop.choose_checkpoint`), so training goes on
+    without it. It is renamed, not deleted, and the log says so.
+    """
+    import json
+
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+
+    url = storage.join(request.run.run, RAY_SNAPSHOT)
+    try:
+        raw = storage.read_bytes(url, limit=storage.JSON_LIMIT)
+    except storage.MissingObject:
+        return
+    except storage.StorageError as exc:
+        problem = str(exc)
+    else:
+        try:
+            _CheckpointManagerState.parse_obj(json.loads(raw))
+            return
+        except Exception as exc:  # JSON, pydantic or Ray-version errors: all mean Ray cannot use it
+            problem = " ".join(str(exc).split())[:200]
+    aside = f"{url}.unloadable"
+    try:
+        storage.remove(aside)
+        storage.move(url, aside)
+    except storage.StorageError as exc:
+        raise UserError(f"{url}: Ray cannot load this snapshot ({problem}) and it cannot be moved aside "
+                        f"({exc}); remove it") from None
+    log.warning("%s: Ray cannot load it (%s); moved it to %s, resuming from the run folder's checkpoints",
+                url, problem, aside)
+
+
 def build_trainer(request: TrainRequest):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -364,6 +402,7 @@ def run_training(request: TrainRequest) -> TrainSummary:
         storage.check_writable(request.run.run)
     except storage.StorageError as exc:
         raise UserError(str(exc)) from None
+    _check_ray_snapshot(request)
     storage.write_text(request.run.config, request.config.to_json())
     ensure_ray()
     _check_placeable(request)

@@ -26,7 +26,7 @@ from inpaint.checkpoint import CheckpointError
 from inpaint.config import Config
 from inpaint.data import TrainLoader, make_train_loader
 from inpaint.phases import Phase
-from inpaint.run_folder import RunPaths, checkpoint_name, checkpoint_urls
+from inpaint.run_folder import RunPaths, checkpoint_name, checkpoint_urls, move_aside
 from inpaint.trainer import Stateful, Trainer
 
 log = logging.getLogger("inpaint.train")
@@ -82,7 +82,14 @@ def choose_checkpoint(trainer: Trainer, run: RunPaths, registered: ray.train.Che
     for url in listed:
         try:
             return url, _load_url(trainer, url, data)
-        except (CheckpointError, storage.StorageError, OSError) as exc:
+        except CheckpointError as exc:  # it will not load on a retry either: keep it from being overwritten
+            reason = " ".join(str(exc).split())
+            try:
+                aside = move_aside(url, reason)
+                log.warning("skipping %s: %s; moved it aside to %s", url, reason, aside)
+            except storage.StorageError as move_error:
+                log.warning("skipping %s: %s (could not move it aside: %s)", url, reason, move_error)
+        except (storage.StorageError, OSError) as exc:
             log.warning("skipping %s: %s", url, " ".join(str(exc).split()))
     if registered is not None and registered_name not in {storage.name(url) for url in listed}:
         try:

@@ -187,3 +187,21 @@ def first_loadable(url: str, load: Callable[[str], T]) -> tuple[str, T]:
             log.warning("skipping %s: %s", storage.name(candidate), exc)
             errors.append(str(exc))
     raise CheckpointError(f"{url}: none of its {len(candidates)} checkpoint(s) loads (newest: {errors[0]})")
+
+
+def move_aside(checkpoint_url: str, reason: str) -> str:
+    """Rename an unloadable checkpoint folder to ``NAME.unloadable`` (``NAME.2.unloadable``, ... when
+    taken) with its reason in ``REASON``; returns the new URL.
+
+    Training that resumes from an older checkpoint would otherwise write over it when it reaches
+    its step again: moved aside, nothing is silently replaced and a user can inspect it.
+    """
+    base = checkpoint_url.rstrip("/")
+    target = f"{base}{UNLOADABLE_SUFFIX}"
+    number = 1
+    while storage.exists(target):
+        number += 1
+        target = f"{base}.{number}{UNLOADABLE_SUFFIX}"
+    storage.move(base, target)
+    storage.write_text(storage.join(target, REASON), reason.rstrip() + "\n")
+    return target

@@ -436,6 +436,22 @@ def _copy_local(source: str | Path, path: str) -> None:
         shutil.copyfile(source, partial)
 
 
+def move(url: str, new_url: str) -> None:
+    """Rename a file or folder (an object store copies then deletes); refuses to replace ``new_url``."""
+    fs, path = filesystem(url)
+    _, new_path = filesystem(new_url)
+
+    def rename() -> None:
+        if fs.exists(new_path):
+            raise FileExistsError(f"{new_url} exists")
+        if is_local(fs):
+            os.rename(path, new_path)
+        else:
+            fs.mv(path, new_path, recursive=True)
+
+    _do(url, "move", rename)
+
+
 def put_file(local: str | Path, url: str) -> None:
     """Copy a local file to ``url``, complete or not at all (an object appears when its upload completes)."""
     fs, path = filesystem(url)
