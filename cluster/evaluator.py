@@ -319,14 +319,14 @@ def compare_with_baselines(url: str, request: EvaluationRequest,
     run = run_of_checkpoint(checkpoint_url)
     planned = _protocol(subject, request)
     protocol = planned[0]
-    output = run.evaluation(storage.name(checkpoint_url))
-    finished = _baseline_done(output, protocol.to_dict())
+    model_output = run.evaluation(storage.name(checkpoint_url))
+    finished = _baseline_done(model_output, protocol.to_dict())
     if finished is not None:
         # Re-running a finished run: its final evaluation (and the baselines beside it) stand as written.
         previous = [found for name in names
                     if (found := _baseline_done(run.evaluation(baseline_name(name)), protocol.to_dict())) is not None]
         log.info("%s was already evaluated under this protocol (%s); nothing re-evaluated", storage.name(checkpoint_url),
-                 output)
+                 model_output)
         return Comparison(finished, previous)
     done, skipped = [], {}
     for name in names:
@@ -343,4 +343,4 @@ def compare_with_baselines(url: str, request: EvaluationRequest,
         if is_run_folder(run.run):
             log_to_tensorboard(run.run, {**result.document, "step": subject.info["step"]}, f"eval-{baseline_name(name)}")
         done.append(result)
-    return Comparison(evaluate_subject(subject, replace(request, output=None), output, planned), done, skipped)
+    return Comparison(evaluate_subject(subject, replace(request, output=None), model_output, planned), done, skipped)

@@ -203,11 +203,39 @@ def _check_data(request: TrainRequest) -> None:
         if split not in index.splits:
             raise UserError(f"data.{field_name}: {data.url} has no split {split!r} "
                             f"(splits: {', '.join(sorted(index.splits))})")
+    _check_a_shard_reads(index, data.train_split, request.storage_options or None)
     available = index.split_size(data.train_split)
     needed = data.batch_size * (request.workers if isinstance(request.workers, int) else request.workers[1])
     if available < needed:
         raise UserError(f"data {data.url}: split {data.train_split!r} has {available} images, fewer than one "
                         f"batch per worker ({needed}); lower data.batch_size or --workers")
+
+
+def _check_a_shard_reads(index, split: str, storage_options: dict | None) -> None:
+    """UserError unless some shard of ``split`` matches its recorded sha256 and parses.
+
+    Shards are read in order until one is good: one read for a sound dataset. Damaged shards are
+    otherwise skipped sample by sample while training, but a dataset with none readable would
+    only fail inside every worker, after Ray started, and be restarted --max-failures times.
+    """
+    import hashlib
+
+    from inpaint.data.shards import parse_shard
+
+    problems = []
+    for shard in index.split(split).shards:
+        url = index.shard_url(shard)
+        try:
+            payload = storage.read_bytes(url, storage_options)
+        except storage.StorageError as exc:
+            problems.append(f"{shard.name}: {exc}")
+            continue
+        parsed = parse_shard(payload)
+        if hashlib.sha256(payload).hexdigest() == shard.sha256 and parsed.error is None and parsed.samples:
+            return
+        problems.append(f"{shard.name}: damaged ({parsed.error or 'does not match its sha256 in index.json'})")
+    raise UserError(f"data {index.url}: none of the {len(problems)} shards of split {split!r} is readable "
+                    f"(first: {problems[0] if problems else 'no shards'}); repack the dataset with jobs/make_shards.py")
 
 
 def _check_vgg_weights(request: TrainRequest) -> None:
@@ -223,7 +251,7 @@ def _check_vgg_weights(request: TrainRequest) -> None:
         # Locally this also fills the torch hub cache that the workers then read.
         load_vgg16_state_dict(loss.vgg_weights)
     except VGGWeightsError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(f"loss.vgg_weights: {exc}") from None
 
 
 # Fields a resumed run may change: where data is read from and how fast, how often it logs and

@@ -17,6 +17,7 @@ fork-safe. Buckets are never created: a mistyped bucket name is an error.
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
 import json
 import logging
@@ -61,9 +62,14 @@ def reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+# A full disk, an exceeded quota, a read-only filesystem: waiting a few seconds fixes none of them.
+_PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
 def _is_permanent(exc: BaseException) -> bool:
     return (isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
                              NotADirectoryError, ValueError, TypeError))
+            or (isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS)
             or type(exc).__name__ in _PERMANENT_NAMES)
 
 

@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dataset == "sample" and args.source is not None:
+        parser.error("--source: the built-in sample dataset has no source (it is cut from installed packages' photos)")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from inpaint.data import DataError, pack_dataset
@@ -60,6 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the output's disk full or read-only while writing a shard
+        print(f"error: cannot write {args.output}: {exc.strerror or exc}"
+              f"{f' ({exc.filename})' if exc.filename else ''}; rerun the same command to resume", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # index.json is written last, so the output holds no dataset yet: the same command resumes.
+        print(f"interrupted: {args.output} holds no index.json yet; rerun the same command to resume "
+              "(finished shards are kept)", file=sys.stderr)
+        return 130
     print(summary.describe())
     return 0
 
