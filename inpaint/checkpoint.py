@@ -199,7 +199,11 @@ def verify_checkpoint(directory: str | os.PathLike, *, checksums: bool = True,
             raise CheckpointError(f"{directory}: incomplete checkpoint, {name} is missing")
         if path.stat().st_size != expected["bytes"]:
             raise CheckpointError(f"{directory}: incomplete checkpoint, {name} has the wrong size")
-        if checksums and _sha256(path) != expected["sha256"]:
+        try:
+            digest = _sha256(path) if checksums else None
+        except OSError as exc:  # not readable by this user, an I/O error
+            raise CheckpointError(f"{path}: cannot be read ({exc.strerror or _one_line(exc)})") from None
+        if checksums and digest != expected["sha256"]:
             raise CheckpointError(f"{directory}: corrupt checkpoint, {name} fails its sha256")
     return meta
 
