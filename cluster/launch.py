@@ -422,6 +422,24 @@ def build_trainer(request: TrainRequest):
     )
 
 
+def worker_failure(exc: BaseException) -> str:
+    """One line for a failed worker group: the lowest rank's root cause (e.g. a full disk while
+    saving a checkpoint), not the multi-line traceback Ray's message carries."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    if not failures:
+        return storage.reason(exc).split("\n")[0]
+    rank = min(failures)
+    root = failures[rank]
+    for _ in range(10):  # Ray wraps the worker's exception (RayTaskError -> its cause)
+        inner = getattr(root, "cause", None) or root.__cause__
+        if inner is None or inner is root:
+            break
+        root = inner
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    return f"rank {rank}: {type(root).__name__}: {text}"[:500]
+
+
 def run_training(request: TrainRequest) -> TrainSummary:
     _check_data(request)
     _check_vgg_weights(request)
@@ -436,15 +454,15 @@ def run_training(request: TrainRequest) -> TrainSummary:
     _check_placeable(request)
     import ray.train
 
-    from cluster.train_loop import DIVERGED
-
     trainer = build_trainer(request)
+    storage.remove(request.run.stopped)  # a previous attempt's reason; this attempt writes its own
     try:
-        result = trainer.fit()
+        trainer.fit()
     except ray.train.WorkerGroupError as exc:
         return TrainSummary(ok=False, run=request.run, step=None, phase=None, checkpoint=None,
-                            error=f"training failed after {request.max_failures} restart(s): {exc}")
-    diverged = (getattr(result, "metrics", None) or {}).get(DIVERGED)
+                            error=f"training failed after {request.max_failures} restart(s): {worker_failure(exc)}")
+    stopped = storage.read_json(request.run.stopped)
+    diverged = stopped.get("reason") if isinstance(stopped, dict) else None
     # The run folder, not Ray's result, says where the run stands: Ray's record can lag it (a job
     # killed between upload and registration), and a run found finished reports no new checkpoint.
     step = phase = location = None

@@ -8,6 +8,7 @@ every rank calls ``report`` at the same steps (it is a barrier).
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import tempfile
@@ -219,13 +220,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             boundary = trainer.schedule.crosses_boundary(before, (trainer.step, trainer.samples_seen))
             checkpointing = step % every == 0 or boundary or trainer.done
             if logged or checkpointing:  # the loop syncs here anyway: read the non-finite step counts
-                skipped_nonfinite, diverged = trainer.nonfinite_status()
+                skipped_nonfinite, diverged = trainer.nonfinite_status(batch)
                 if skipped_nonfinite > reported_nonfinite and rank == 0:
                     log.warning("step %d: %d step(s) so far skipped for a non-finite loss or gradient",
                                 step, skipped_nonfinite)
                 reported_nonfinite = skipped_nonfinite
                 if diverged:
-                    _stop_diverged(trainer, diverged, rank)
+                    _stop_diverged(trainer, run, diverged, rank)
                     return
             if writer is not None and logged:
                 elapsed = time.perf_counter() - window_start
@@ -263,18 +264,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             writer.close()
 
 
-DIVERGED = "diverged"  # the metric a run stopped for non-finite training reports (cluster/launch.py reads it)
+def _stop_diverged(trainer: Trainer, run: RunPaths, reason: str, rank: int) -> None:
+    """End training without a checkpoint: rank 0 records why in RUN/stopped.json, which the driver
+    reads (a report without a checkpoint does not reach Ray's result); every rank returns.
 
-
-def _stop_diverged(trainer: Trainer, reason: str, rank: int) -> None:
-    """End training without a checkpoint: every rank reports the reason (a barrier), none saves.
-
-    Every rank reaches this at the same step (the gradients checked are all-reduced), and the
-    worker returns normally, so Ray does not restart a run that would only diverge again.
+    Every rank gets here at the same step (the gradients checked are all-reduced), and returning
+    normally keeps Ray from restarting a run that would only diverge again.
     """
     if rank == 0:
         log.error("%s", reason)
-    ray.train.report({DIVERGED: reason, "step": trainer.step, "phase": trainer.phase.value})
+        storage.write_text(run.stopped, json.dumps({"step": trainer.step, "phase": trainer.phase.value,
+                                                    "reason": reason}))
 
 
 def _report(trainer: Trainer, loader: TrainLoader, losses: dict[str, torch.Tensor], rank: int,

@@ -9,6 +9,7 @@
                                       per_image.csv, and a watcher's CLAIM / UNLOADABLE markers
     RUN/evaluations/baseline-<name>/  a classical baseline under the same protocol
     RUN/skipped_samples.json          training samples lost to damaged data (each replaced)
+    RUN/stopped.json                  why the last attempt stopped early (training diverged)
     RUN/sample_keys/attempt-<A>/      with log.sample_keys: the samples each rank trained on, per step
 
 Change a name here and every writer and reader follows: the training loop, the TensorBoard
@@ -33,6 +34,7 @@ TENSORBOARD = "tensorboard"
 SAMPLES = "samples"
 EVALUATIONS = "evaluations"
 SKIPPED_SAMPLES = "skipped_samples.json"
+STOPPED = "stopped.json"  # why training stopped before its schedule ended (it diverged); the driver reports it
 SAMPLE_KEYS = "sample_keys"  # the log.sample_keys debug hook's records (cluster/sample_keys.py)
 EVAL_EVENTS = "eval"  # RUN/tensorboard/eval: a checkpoint's evaluation scalars
 CLAIM = "CLAIM"  # RUN/evaluations/<checkpoint>/CLAIM: a watcher is evaluating it
@@ -92,6 +94,10 @@ class RunPaths:
     def evaluation(self, name: str) -> str:
         """RUN/evaluations/<name>: a checkpoint's name, or :func:`baseline_name`."""
         return storage.join(self.evaluations, name)
+
+    @property
+    def stopped(self) -> str:
+        return storage.join(self.run, STOPPED)
 
     @property
     def skipped_samples(self) -> str:

@@ -338,12 +338,13 @@ class Trainer:
         else:
             counts["names"], counts["terms"] = tuple(terms), bad_terms
 
-    def nonfinite_status(self) -> tuple[int, str | None]:
+    def nonfinite_status(self, batch: dict[str, Any] | None = None) -> tuple[int, str | None]:
         """(steps skipped for a non-finite loss or gradient so far, a one-line reason to stop or None).
 
         Reads device counters (a host sync): call it where the loop syncs anyway (logging,
         checkpoints). The reason is given once some network skipped ``optim.max_nonfinite_steps``
-        steps in a row: training has diverged.
+        steps in a row: training has diverged. When every loss term was finite but the gradients
+        were not, ``batch`` (the last one) is used to find the term whose gradient is not.
         """
         state = self.__dict__.get("_nonfinite", {})
         total, reason = 0, None
@@ -354,11 +355,45 @@ class Trainer:
             if worst >= limit and reason is None:
                 flags = counts["terms"].tolist()
                 named = [name for name, bad in zip(counts["names"], flags) if bad]
-                what = (f"loss term {', '.join(named)} is not finite" if named
-                        else "its gradients are not finite (every loss term is)")
+                if not named and batch is not None and network == "generator":
+                    named = self._terms_with_nonfinite_gradients(batch)
+                    what = (f"the gradient of loss term {', '.join(named)} is not finite" if named
+                            else "its gradients are not finite (every loss term is)")
+                else:
+                    what = (f"loss term {', '.join(named)} is not finite" if named
+                            else "its gradients are not finite (every loss term is)")
                 reason = (f"training diverged: {worst} {network} steps in a row skipped, {what} "
                           f"(optim.max_nonfinite_steps={limit}); lower the learning rate or check the loss settings")
         return total, reason
+
+    def _terms_with_nonfinite_gradients(self, batch: dict[str, Any]) -> list[str]:
+        """The generator's loss terms whose own gradient is not finite on ``batch``: a diagnosis
+        made once, when training has diverged (a forward and one backward per term, no DDP)."""
+        image, mask, box = self._to_device(batch)
+        generator = _without_ddp(self.generator)
+        parameters = [p for p in generator.parameters() if p.requires_grad]
+        loss_cfg = self.config.loss
+        with torch.enable_grad(), self._autocast():
+            prediction = generator(image, mask)
+        completed = composite(image, prediction.float(), mask)
+        terms = {"g_rec": lambda: reconstruction_loss(prediction.float(), image, mask, masking=loss_cfg.rec_masking,
+                                                      hole_weight=loss_cfg.hole_weight)}
+        if self.vgg is not None:
+            terms["g_cx"] = lambda: self._contextual(completed, image)
+        if self.phase is Phase.JOINT:
+            discriminator = _without_ddp(self.discriminator)
+
+            def adversarial() -> torch.Tensor:
+                with frozen(discriminator), self._autocast():
+                    return generator_adversarial_loss(self._adversarial_logits(discriminator, image, completed, box))
+            terms["g_adv"] = adversarial
+        found = []
+        for name, term in terms.items():
+            with torch.enable_grad():
+                grads = torch.autograd.grad(term(), parameters, retain_graph=True, allow_unused=True)
+            if any(g is not None and not bool(torch.isfinite(g).all()) for g in grads):
+                found.append(name)
+        return found
 
     def _clip(self, module: nn.Module) -> None:
         if self.config.optim.grad_clip > 0:

@@ -528,3 +528,47 @@ def test_a_garbage_ray_snapshot_is_moved_aside_with_a_log_line(world, tmp_path, 
     assert not (run / launch.RAY_SNAPSHOT).exists()
     assert (run / f"{launch.RAY_SNAPSHOT}.unloadable").read_text() == "{not json"
     assert "Ray cannot load it" in caplog.text
+
+
+# ------------------------------------------------------------------ with Ray: a full disk and divergence while training
+def _train(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--recipe", "debug", "--workers", "1",
+                           "--no-evaluate", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _every_listed_checkpoint_verifies(run: Path) -> list[str]:
+    listed = run_folder.checkpoint_urls(str(run))
+    for url, _ in listed:
+        ckpt.verify_checkpoint(url)  # raises if a marker stands beside a file that does not match it
+    return [storage.name(url) for url, _ in listed]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_full_disk_while_training_stops_the_run_in_one_line_and_lists_no_partial_checkpoint(sample_dataset,
+                                                                                                small_disk):
+    done = _train("--data", sample_dataset, "--storage", str(small_disk), "--name", "full", "--max-failures", "0",
+                  "--set", "checkpoint.every_steps=2", "--set", "schedule.generator_steps=40")
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
+    failed = [line for line in done.stdout.splitlines() if "FAILED" in line]
+    assert len(failed) == 1 and "No space left" in failed[0], done.stdout[-2000:]
+    assert "Traceback" not in done.stdout
+    _every_listed_checkpoint_verifies(small_disk / "full")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_training_that_diverges_stops_naming_the_loss_term_and_writes_no_nan_checkpoint(sample_dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    done = _train("--data", sample_dataset, "--storage", str(tmp_path), "--name", "nan",
+                  "--set", "loss.cx_eps=1e-30", "--set", "optim.max_nonfinite_steps=3", "--set", "log.every_steps=2",
+                  "--set", "checkpoint.every_steps=4")
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
+    failed = [line for line in done.stdout.splitlines() if "FAILED" in line]
+    assert len(failed) == 1 and "training diverged" in failed[0] and "g_cx" in failed[0], done.stdout[-2000:]
+    assert "skipped for a non-finite loss or gradient" in done.stderr
+    for name in _every_listed_checkpoint_verifies(tmp_path / "nan"):
+        weights = load_file(str(tmp_path / "nan" / name / ckpt.GENERATOR_FILE))
+        assert all(bool(torch.isfinite(value).all()) for value in weights.values())
