@@ -426,9 +426,12 @@ def worker_failure(exc: BaseException) -> str:
     """One line for a failed worker group: the lowest rank's root cause (e.g. a full disk while
     saving a checkpoint), not the multi-line traceback Ray's message carries."""
     failures = getattr(exc, "worker_failures", None) or {}
+    if not failures and getattr(exc, "controller_failure", None) is not None:
+        failures = {"controller": exc.controller_failure}
     if not failures:
-        return storage.reason(exc).split("\n")[0]
-    rank = min(failures)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+    rank = min(failures) if all(isinstance(r, int) for r in failures) else next(iter(failures))
     root = failures[rank]
     for _ in range(10):  # Ray wraps the worker's exception (RayTaskError -> its cause)
         inner = getattr(root, "cause", None) or root.__cause__
@@ -437,7 +440,8 @@ def worker_failure(exc: BaseException) -> str:
         root = inner
     lines = [line.strip() for line in str(root).splitlines() if line.strip()]
     text = lines[-1] if lines else ""
-    return f"rank {rank}: {type(root).__name__}: {text}"[:500]
+    where = "Ray Train's controller" if rank == "controller" else f"rank {rank}"
+    return f"{where}: {type(root).__name__}: {text}"[:500]
 
 
 def run_training(request: TrainRequest) -> TrainSummary:
@@ -458,7 +462,7 @@ def run_training(request: TrainRequest) -> TrainSummary:
     storage.remove(request.run.stopped)  # a previous attempt's reason; this attempt writes its own
     try:
         trainer.fit()
-    except ray.train.WorkerGroupError as exc:
+    except ray.train.TrainingFailedError as exc:  # the workers' errors, or the controller's (a full disk)
         return TrainSummary(ok=False, run=request.run, step=None, phase=None, checkpoint=None,
                             error=f"training failed after {request.max_failures} restart(s): {worker_failure(exc)}")
     stopped = storage.read_json(request.run.stopped)
