@@ -120,20 +120,22 @@ def run_of_checkpoint(checkpoint_url: str) -> RunPaths:
 
 
 def incomplete_files(folder_url: str, meta: dict[str, Any]) -> list[str]:
-    """The files ``meta`` lists that the folder lacks or holds at another size (a listing, no reads).
+    """The files ``meta`` lists that the folder holds at another size (one listing, no reads).
 
     The marker ``meta.json`` is written last, but a copy of the folder to storage (Ray's upload,
-    an interrupted sync, a full disk) does not keep that order: a marker is only trusted when
-    every file it lists is there at its recorded size. The sha256 check is left to loading.
+    an interrupted sync, a full disk) does not keep that order: a marker beside a file cut short
+    is not trusted. A listed file that is absent is left to the loader, which verifies (size and
+    sha256) exactly the files it reads: inference needs only the generator and config.
     """
     sizes = storage.file_sizes(folder_url)
-    return [name for name, entry in meta.get("files", {}).items() if sizes.get(name) != entry.get("bytes")]
+    return [name for name, entry in meta.get("files", {}).items()
+            if name in sizes and sizes[name] != entry.get("bytes")]
 
 
 def checkpoint_urls(run_url: str) -> list[tuple[str, dict[str, Any]]]:
     """(URL, meta) of each complete checkpoint directly under a run folder, oldest step first.
 
-    Complete: a meta.json of the right shape, and every file it lists present at its size.
+    Complete: a meta.json of the right shape, and no file it lists present at another size.
     """
     found = []
     for folder in storage.list_subdirs(run_url):
@@ -154,7 +156,7 @@ def checkpoint_urls(run_url: str) -> list[tuple[str, dict[str, Any]]]:
             continue
         missing = incomplete_files(folder, meta)
         if missing:
-            log.warning("skipping %s: incomplete, %s missing or of the wrong size", name, ", ".join(missing))
+            log.warning("skipping %s: incomplete, %s of the wrong size", name, ", ".join(missing))
             continue
         found.append((meta.get("step", -1), name, storage.join(run_url, name), meta))
     return [(url, meta) for _, _, url, meta in sorted(found, key=lambda item: item[:2])]
