@@ -31,7 +31,7 @@ from inpaint.data import DataError, iter_split, load_index
 from inpaint.inference import Inpainter, InpaintError, load_generator_model
 from inpaint.masks import uncovered_evaluation_holes
 from inpaint.models import Generator
-from inpaint.run_folder import EVAL_EVENTS, RunPaths, baseline_name, first_loadable, is_run_folder, \
+from inpaint.run_folder import EVAL_EVENTS, EVALUATIONS, RunPaths, baseline_name, first_loadable, is_run_folder, \
     run_of_checkpoint
 
 log = logging.getLogger("inpaint.evaluate")
@@ -227,6 +227,8 @@ def evaluate_subject(subject: Subject, request: EvaluationRequest, output: str,
     the dataset index serves every method of a comparison).
     """
     protocol, drawn = planned or _protocol(subject, request)
+    if storage.name(storage.parent(output)) == EVALUATIONS:  # RUN/evaluations/<name>: never lead out of the run
+        storage.refuse_links(output, levels=2)
     storage.check_writable(output)  # before the work, not after it
     untrained = []
     if subject.config is not None and subject.generator is not None:

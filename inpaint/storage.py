@@ -322,6 +322,21 @@ def list_files(url: str) -> list[str]:
     return _do(url, "list", listing)
 
 
+def refuse_links(url: str, levels: int) -> None:
+    """StorageError when the local ``url`` or one of its ``levels - 1`` parents is a symbolic link.
+
+    For outputs placed inside a folder the command did not create (a run's evaluations): a link
+    planted there would send the writes outside it. Object stores have no links.
+    """
+    if is_remote(url):
+        return
+    path = os.path.abspath(url.removeprefix("file://"))
+    for _ in range(levels):
+        if os.path.islink(path):
+            raise StorageError(f"{path} is a symbolic link; refusing to write through it (remove it)")
+        path = os.path.dirname(path)
+
+
 def file_sizes(url: str) -> dict[str, int]:
     """Name -> size in bytes of the regular files directly in the folder ``url`` (empty when missing).
 

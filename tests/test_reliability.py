@@ -317,6 +317,18 @@ def test_a_planted_link_in_the_run_folder_is_replaced_not_written_through(world,
     assert not (folder / "report.md").is_symlink() and (folder / "metrics.json").is_file()
 
 
+@pytest.mark.parametrize("planted", ["evaluations", "evaluations/checkpoint_000000004"])
+def test_a_planted_folder_link_in_the_run_is_refused_in_one_line(world, tmp_path, planted):
+    run = copy_run(world, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (run / planted).parent.mkdir(parents=True, exist_ok=True)
+    (run / planted).symlink_to(outside, target_is_directory=True)
+    one_line(run_cli("evaluate", "--checkpoint", str(run), "--data", str(world / "packed"), "--num-images", "4"),
+             "symbolic link")
+    assert list(outside.iterdir()) == []
+
+
 def test_a_checkpoint_file_linked_out_of_its_folder_is_not_read(world, tmp_path, caplog):
     run = copy_run(world, tmp_path)
     newest = run / "checkpoint_000000004"
@@ -428,8 +440,11 @@ def _batch(config, generator):
             "mask": masks, "box": boxes}
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "adadelta"])
-def test_a_non_finite_loss_skips_the_step_and_several_in_a_row_name_the_term(monkeypatch, optimizer):
+@pytest.mark.parametrize("optimizer, device", [
+    ("adam", "cpu"), ("adadelta", "cpu"),
+    pytest.param("adam", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+])
+def test_a_non_finite_loss_skips_the_step_and_several_in_a_row_name_the_term(monkeypatch, optimizer, device):
     import dataclasses
 
     import inpaint.trainer as trainer_module
@@ -438,7 +453,7 @@ def test_a_non_finite_loss_skips_the_step_and_several_in_a_row_name_the_term(mon
 
     config = recipes.get("debug")
     config = config.replace(optim=dataclasses.replace(config.optim, name=optimizer, max_nonfinite_steps=3))
-    trainer = Trainer(config, device="cpu")
+    trainer = Trainer(config, device=device)
     generator = torch.Generator().manual_seed(0)
     trainer.train_step(_batch(config, generator))
     weights = {k: v.clone() for k, v in trainer.generator.named_parameters()}
