@@ -153,6 +153,22 @@ def test_a_checkpoint_whose_marker_arrived_before_a_truncated_file_is_never_list
     assert outcome.code == 0, outcome.stderr
 
 
+def test_a_save_that_fails_leaves_no_marker_even_over_an_older_checkpoint(world, tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoint_000000004"
+    shutil.copytree(world / "runs" / "r" / "checkpoint_000000004", folder)  # a rewrite of a complete one
+    contents = ckpt.load_checkpoint(folder)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save_checkpoint(folder, config=contents.config, generator=contents.generator,
+                             discriminator=contents.discriminator, trainer=contents.trainer, meta=contents.meta)
+    assert not (folder / ckpt.META_FILE).exists()
+    assert run_folder.checkpoint_urls(str(tmp_path)) == []
+
+
 def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
     from inpaint import recipes
 
