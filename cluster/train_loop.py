@@ -62,6 +62,22 @@ def _load_registered(trainer: Trainer, registered: ray.train.Checkpoint, data: S
         return trainer.load(directory, data=data)
 
 
+def _set_aside(url: str, reason: str, *, skip_logged: bool = False) -> None:
+    """Move a checkpoint that will never load aside (see :func:`inpaint.run_folder.move_aside`), so that
+    training past its step replaces nothing; a failure to move it is logged, not fatal.
+
+    One warning per checkpoint: ``skip_logged`` when the listing already said it skipped it.
+    """
+    try:
+        aside = move_aside(url, reason)
+        if skip_logged:
+            log.warning("moved %s aside to %s", url, aside)
+        else:
+            log.warning("skipping %s: %s; moved it aside to %s", url, reason, aside)
+    except storage.StorageError as move_error:
+        log.warning("%s (%s) could not be moved aside: %s", url, reason, move_error)
+
+
 def choose_checkpoint(trainer: Trainer, run: RunPaths, registered: ray.train.Checkpoint | None,
                       data: Stateful | None = None) -> tuple[str | None, dict[str, Any] | None]:
     """Load the newest checkpoint of the run that loads; return (its URL or REGISTERED or None, its meta).
@@ -75,21 +91,19 @@ def choose_checkpoint(trainer: Trainer, run: RunPaths, registered: ray.train.Che
     registered does not end training. None of them loading means a fresh start.
     """
     registered_name = storage.name(registered.path) if registered is not None else None
+    rejected: list[tuple[str, str]] = []  # folders with a marker that is not trusted (a copy cut short)
     try:
-        listed = [url for url, _ in reversed(checkpoint_urls(run.run))]  # newest step first
+        listed = [url for url, _ in reversed(checkpoint_urls(run.run, rejected))]  # newest step first
     except Exception as exc:  # storage unreachable right now: Ray's own record is still worth a try
         log.warning("cannot list the checkpoints of %s (%s); trying Ray's registered checkpoint", run.run, exc)
         listed = []
+    for url, reason in rejected:  # no writer is left at a restore: these will never complete
+        _set_aside(url, reason, skip_logged=True)
     for url in listed:
         try:
             return url, _load_url(trainer, url, data)
         except CheckpointError as exc:  # it will not load on a retry either: keep it from being overwritten
-            reason = " ".join(str(exc).split())
-            try:
-                aside = move_aside(url, reason)
-                log.warning("skipping %s: %s; moved it aside to %s", url, reason, aside)
-            except storage.StorageError as move_error:
-                log.warning("skipping %s: %s (could not move it aside: %s)", url, reason, move_error)
+            _set_aside(url, " ".join(str(exc).split()))
         except (storage.StorageError, OSError) as exc:
             log.warning("skipping %s: %s", url, " ".join(str(exc).split()))
     if registered is not None and registered_name not in {storage.name(url) for url in listed}:

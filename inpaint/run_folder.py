@@ -41,6 +41,7 @@ CLAIM = "CLAIM"  # RUN/evaluations/<checkpoint>/CLAIM: a watcher is evaluating i
 UNLOADABLE = "UNLOADABLE"  # beside CLAIM: it verifies but cannot be loaded; never retried
 UNLOADABLE_SUFFIX = ".unloadable"  # RUN/checkpoint_X.unloadable/: moved aside by a resume, with REASON
 REASON = "REASON"
+MOVED = "MOVED"  # left at the old name of a checkpoint moved aside: where it went and why
 
 
 def checkpoint_name(step: int) -> str:
@@ -132,10 +133,11 @@ def incomplete_files(folder_url: str, meta: dict[str, Any]) -> list[str]:
             if name in sizes and sizes[name] != entry.get("bytes")]
 
 
-def checkpoint_urls(run_url: str) -> list[tuple[str, dict[str, Any]]]:
+def checkpoint_urls(run_url: str, rejected: list[tuple[str, str]] | None = None) -> list[tuple[str, dict[str, Any]]]:
     """(URL, meta) of each complete checkpoint directly under a run folder, oldest step first.
 
     Complete: a meta.json of the right shape, and no file it lists present at another size.
+    ``rejected``, when given, receives (URL, reason) of each folder whose marker is not trusted.
     """
     found = []
     for folder in storage.list_subdirs(run_url):
@@ -153,10 +155,15 @@ def checkpoint_urls(run_url: str) -> list[tuple[str, dict[str, Any]]]:
             meta = check_meta_shape(document, name)
         except UnloadableCheckpoint as exc:
             log.warning("skipping %s: %s", name, exc)
+            if rejected is not None:
+                rejected.append((storage.join(run_url, name), str(exc)))
             continue
         missing = incomplete_files(folder, meta)
         if missing:
-            log.warning("skipping %s: incomplete, %s of the wrong size", name, ", ".join(missing))
+            reason = f"incomplete, {', '.join(missing)} of the wrong size"
+            log.warning("skipping %s: %s", name, reason)
+            if rejected is not None:
+                rejected.append((storage.join(run_url, name), reason))
             continue
         found.append((meta.get("step", -1), name, storage.join(run_url, name), meta))
     return [(url, meta) for _, _, url, meta in sorted(found, key=lambda item: item[:2])]
@@ -199,7 +206,7 @@ def first_loadable(url: str, load: Callable[[str], T]) -> tuple[str, T]:
 
 def move_aside(checkpoint_url: str, reason: str) -> str:
     """Rename an unloadable checkpoint folder to ``NAME.unloadable`` (``NAME.2.unloadable``, ... when
-    taken) with its reason in ``REASON``; returns the new URL.
+    taken) with its reason in ``REASON``, leaving ``NAME/MOVED`` that says so; returns the new URL.
 
     Training that resumes from an older checkpoint would otherwise write over it when it reaches
     its step again: moved aside, nothing is silently replaced and a user can inspect it.
@@ -212,4 +219,7 @@ def move_aside(checkpoint_url: str, reason: str) -> str:
         target = f"{base}.{number}{UNLOADABLE_SUFFIX}"
     storage.move(base, target)
     storage.write_text(storage.join(target, REASON), reason.rstrip() + "\n")
+    # A note at the old name: Ray Train may still list the folder and, pruning old checkpoints,
+    # fails on a path that no longer exists. Without a meta.json it is never taken for a checkpoint.
+    storage.write_text(storage.join(base, MOVED), f"moved to {target}: {reason.rstrip()}\n")
     return target

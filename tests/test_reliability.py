@@ -440,11 +440,27 @@ def test_an_unloadable_newest_checkpoint_is_moved_aside_before_training_past_it(
     choice, _ = train_loop.choose_checkpoint(trainer, run_folder.RunPaths.of(str(run)), None)
     assert storage.name(choice) == "checkpoint_000000002"
     aside = run / "checkpoint_000000004.unloadable"
-    assert not newest.exists() and aside.is_dir()
+    assert aside.is_dir() and [p.name for p in newest.iterdir()] == [run_folder.MOVED]
     assert "unreadable weights" in (aside / run_folder.REASON).read_text()
     assert {k.replace(str(newest), str(aside)): v for k, v in before.items()}.items() <= tree_digest(aside).items()
     assert "moved it aside" in caplog.text
     assert [storage.name(u) for u, _ in run_folder.checkpoint_urls(str(run))] == ["checkpoint_000000002"]
+
+
+def test_a_checkpoint_cut_short_by_a_full_disk_is_moved_aside_at_the_next_resume(world, tmp_path, caplog):
+    from cluster import train_loop
+    from inpaint import recipes
+    from inpaint.trainer import Trainer
+
+    run = copy_run(world, tmp_path)
+    trainer_file = run / "checkpoint_000000004" / ckpt.TRAINER_FILE
+    trainer_file.write_bytes(trainer_file.read_bytes()[:1000])
+    trainer = Trainer(recipes.get("debug"), device="cpu")
+    choice, _ = train_loop.choose_checkpoint(trainer, run_folder.RunPaths.of(str(run)), None)
+    assert storage.name(choice) == "checkpoint_000000002"
+    aside = run / "checkpoint_000000004.unloadable"
+    assert aside.is_dir() and "trainer.pt of the wrong size" in (aside / run_folder.REASON).read_text()
+    assert "moved" in caplog.text and "aside to" in caplog.text
 
 
 # ------------------------------------------------------------------ 6. non-finite training
