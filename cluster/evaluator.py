@@ -31,7 +31,7 @@ from inpaint.data import DataError, iter_split, load_index
 from inpaint.inference import Inpainter, InpaintError, load_generator_model
 from inpaint.masks import uncovered_evaluation_holes
 from inpaint.models import Generator
-from inpaint.run_folder import EVAL_EVENTS, RunPaths, baseline_name, first_loadable, is_run_folder, \
+from inpaint.run_folder import EVAL_EVENTS, EVALUATIONS, RunPaths, baseline_name, first_loadable, is_run_folder, \
     run_of_checkpoint
 
 log = logging.getLogger("inpaint.evaluate")
@@ -227,6 +227,8 @@ def evaluate_subject(subject: Subject, request: EvaluationRequest, output: str,
     the dataset index serves every method of a comparison).
     """
     protocol, drawn = planned or _protocol(subject, request)
+    if storage.name(storage.parent(output)) == EVALUATIONS:  # RUN/evaluations/<name>: never lead out of the run
+        storage.refuse_links(output, levels=2)
     storage.check_writable(output)  # before the work, not after it
     untrained = []
     if subject.config is not None and subject.generator is not None:
@@ -319,6 +321,15 @@ def compare_with_baselines(url: str, request: EvaluationRequest,
     run = run_of_checkpoint(checkpoint_url)
     planned = _protocol(subject, request)
     protocol = planned[0]
+    model_output = run.evaluation(storage.name(checkpoint_url))
+    finished = _baseline_done(model_output, protocol.to_dict())
+    if finished is not None:
+        # Re-running a finished run: its final evaluation (and the baselines beside it) stand as written.
+        previous = [found for name in names
+                    if (found := _baseline_done(run.evaluation(baseline_name(name)), protocol.to_dict())) is not None]
+        log.info("%s was already evaluated under this protocol (%s); nothing re-evaluated", storage.name(checkpoint_url),
+                 model_output)
+        return Comparison(finished, previous)
     done, skipped = [], {}
     for name in names:
         output = run.evaluation(baseline_name(name))
@@ -334,5 +345,4 @@ def compare_with_baselines(url: str, request: EvaluationRequest,
         if is_run_folder(run.run):
             log_to_tensorboard(run.run, {**result.document, "step": subject.info["step"]}, f"eval-{baseline_name(name)}")
         done.append(result)
-    output = run.evaluation(storage.name(checkpoint_url))
-    return Comparison(evaluate_subject(subject, replace(request, output=None), output, planned), done, skipped)
+    return Comparison(evaluate_subject(subject, replace(request, output=None), model_output, planned), done, skipped)

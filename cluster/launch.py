@@ -17,6 +17,7 @@ from cluster.console import ray_train_log_level
 from cluster.ray_runtime import REPO_ROOT, ensure_ray
 from cluster.ray_storage import pyarrow_filesystem
 from inpaint import recipes, storage
+from inpaint.cli import check_run_name
 from inpaint.config import RESUMABLE, Config, ConfigError, apply_overrides
 from inpaint.run_folder import RunPaths, checkpoint_urls
 from inpaint.storage import normalize
@@ -26,6 +27,24 @@ log = logging.getLogger("inpaint.launch")
 
 class UserError(Exception):
     """A mistake in the request; the job prints it as one line and exits with code 2."""
+
+
+MAX_FAILURES = 10_000
+# Storage every Ray worker and the driver reach alike: local paths (one machine, or a shared
+# mount) and object stores. memory:// lives in one process, and ftp:// and the like are not
+# storage Ray Train can write checkpoints to.
+SHARED_SCHEMES = ("s3", "gs", "gcs")
+
+
+def check_shared_url(flag: str, url: str) -> None:
+    """UserError unless ``url`` is a non-empty local path or an object-store URL."""
+    if not url.strip():
+        raise UserError(f"{flag}: expected a path or URL, got {url!r}")
+    if storage.is_remote(url):
+        scheme = url.split("://", 1)[0]
+        if scheme not in SHARED_SCHEMES:
+            raise UserError(f"{flag} {url}: {scheme}:// is not supported; use a local path or "
+                            f"{', '.join(f'{s}://' for s in SHARED_SCHEMES)}")
 
 
 def parse_workers(text: str) -> int | tuple[int, int]:
@@ -78,6 +97,9 @@ class TrainRequest:
         ``data`` None is the built-in sample, packed under ``default_data`` on first use;
         ``resource_timeout_s`` None waits 600 s on a cluster (RAY_ADDRESS set) and not at all locally.
         """
+        for flag, url in (("--storage", storage), ("--data", data)):
+            if url is not None:
+                check_shared_url(flag, url)
         try:
             config = apply_overrides(recipes.get(recipe), overrides)
         except ConfigError as exc:
@@ -87,6 +109,8 @@ class TrainRequest:
         data = normalize(data)
         # The workers' device follows --gpu (Ray places one GPU per worker); an explicit --set
         # runtime.device that says otherwise is a contradiction, not something to override quietly.
+        if any(item.partition("=")[0].strip() == "data.url" for item in overrides):
+            raise UserError("--set data.url: the dataset is given with --data (data.url is set from it)")
         asked = [item.partition("=")[2].strip() for item in overrides
                  if item.partition("=")[0].strip() == "runtime.device"]
         if asked and asked[-1] != "auto" and asked[-1].startswith("cuda") != gpu:
@@ -94,11 +118,14 @@ class TrainRequest:
                             "training runs on GPUs exactly when --gpu is given; drop the --set")
         config = config.replace(data=dataclasses.replace(config.data, url=data),
                                 runtime=dataclasses.replace(config.runtime, device="cuda" if gpu else "cpu"))
-        name = name or f"{config.recipe}-{Path(data.rstrip('/')).name}"
-        if not name or "/" in name:
-            raise UserError(f"--name: a run name is one path segment, got {name!r}")
-        if max_failures < -1:
-            raise UserError("--max-failures: expected -1 (unlimited) or a count >= 0")
+        if name is None:
+            name = f"{config.recipe}-{Path(data.rstrip('/')).name}"
+        try:
+            check_run_name(name)
+        except ValueError as exc:
+            raise UserError(f"--name: {exc}") from None
+        if not -1 <= max_failures <= MAX_FAILURES:
+            raise UserError(f"--max-failures: expected -1 (unlimited) or a count from 0 to {MAX_FAILURES}")
         if cpus_per_worker <= 0:
             raise UserError("--cpus-per-worker: must be > 0")
         if resource_timeout_s is None:
@@ -171,13 +198,46 @@ def _check_data(request: TrainRequest) -> None:
     data = request.config.data
     try:
         index = load_index(data.url, request.storage_options or None)
-        available = index.split_size(data.train_split)  # a mistyped data.train_split is a DataError too
     except DataError as exc:
         raise UserError(str(exc)) from None
+    for field_name in ("train_split", "eval_split"):  # the final evaluation reads eval_split
+        split = getattr(data, field_name)
+        if split not in index.splits:
+            raise UserError(f"data.{field_name}: {data.url} has no split {split!r} "
+                            f"(splits: {', '.join(sorted(index.splits))})")
+    _check_a_shard_reads(index, data.train_split, request.storage_options or None)
+    available = index.split_size(data.train_split)
     needed = data.batch_size * (request.workers if isinstance(request.workers, int) else request.workers[1])
     if available < needed:
         raise UserError(f"data {data.url}: split {data.train_split!r} has {available} images, fewer than one "
                         f"batch per worker ({needed}); lower data.batch_size or --workers")
+
+
+def _check_a_shard_reads(index, split: str, storage_options: dict | None) -> None:
+    """UserError unless some shard of ``split`` matches its recorded sha256 and parses.
+
+    Shards are read in order until one is good: one read for a sound dataset. Damaged shards are
+    otherwise skipped sample by sample while training, but a dataset with none readable would
+    only fail inside every worker, after Ray started, and be restarted --max-failures times.
+    """
+    import hashlib
+
+    from inpaint.data.shards import parse_shard
+
+    problems = []
+    for shard in index.split(split).shards:
+        url = index.shard_url(shard)
+        try:
+            payload = storage.read_bytes(url, storage_options)
+        except storage.StorageError as exc:
+            problems.append(f"{shard.name}: {exc}")
+            continue
+        parsed = parse_shard(payload)
+        if hashlib.sha256(payload).hexdigest() == shard.sha256 and parsed.error is None and parsed.samples:
+            return
+        problems.append(f"{shard.name}: damaged ({parsed.error or 'does not match its sha256 in index.json'})")
+    raise UserError(f"data {index.url}: none of the {len(problems)} shards of split {split!r} is readable "
+                    f"(first: {problems[0] if problems else 'no shards'}); repack the dataset with jobs/make_shards.py")
 
 
 def _check_vgg_weights(request: TrainRequest) -> None:
@@ -193,7 +253,7 @@ def _check_vgg_weights(request: TrainRequest) -> None:
         # Locally this also fills the torch hub cache that the workers then read.
         load_vgg16_state_dict(loss.vgg_weights)
     except VGGWeightsError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(f"loss.vgg_weights: {exc}") from None
 
 
 def _existing_config(request: TrainRequest) -> tuple[Config | None, str]:
@@ -270,6 +330,44 @@ def _check_placeable(request: TrainRequest) -> None:
         time.sleep(5)
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of reported checkpoints, in the run folder
+
+
+def _check_ray_snapshot(request: TrainRequest) -> None:
+    """Move aside a Ray checkpoint-manager snapshot that Ray could not load (it would raise in fit()).
+
+    The snapshot only repeats what the run folder holds: our checkpoints are found and verified
+    from the folder itself (:func:`cluster.train_loop.choose_checkpoint`), so training goes on
+    without it. It is renamed, not deleted, and the log says so.
+    """
+    import json
+
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+
+    url = storage.join(request.run.run, RAY_SNAPSHOT)
+    try:
+        raw = storage.read_bytes(url, limit=storage.JSON_LIMIT)
+    except storage.MissingObject:
+        return
+    except storage.StorageError as exc:
+        problem = str(exc)
+    else:
+        try:
+            _CheckpointManagerState.parse_obj(json.loads(raw))
+            return
+        except Exception as exc:  # JSON, pydantic or Ray-version errors: all mean Ray cannot use it
+            problem = " ".join(str(exc).split())[:200]
+    aside = f"{url}.unloadable"
+    try:
+        storage.remove(aside)
+        storage.move(url, aside)
+    except storage.StorageError as exc:
+        raise UserError(f"{url}: Ray cannot load this snapshot ({problem}) and it cannot be moved aside "
+                        f"({exc}); remove it") from None
+    log.warning("%s: Ray cannot load it (%s); moved it to %s, resuming from the run folder's checkpoints",
+                url, problem, aside)
+
+
 def build_trainer(request: TrainRequest):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -297,6 +395,28 @@ def build_trainer(request: TrainRequest):
     )
 
 
+def worker_failure(exc: BaseException) -> str:
+    """One line for a failed worker group: the lowest rank's root cause (e.g. a full disk while
+    saving a checkpoint), not the multi-line traceback Ray's message carries."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    if not failures and getattr(exc, "controller_failure", None) is not None:
+        failures = {"controller": exc.controller_failure}
+    if not failures:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+    rank = min(failures) if all(isinstance(r, int) for r in failures) else next(iter(failures))
+    root = failures[rank]
+    for _ in range(10):  # Ray wraps the worker's exception (RayTaskError -> its cause)
+        inner = getattr(root, "cause", None) or root.__cause__
+        if inner is None or inner is root:
+            break
+        root = inner
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    where = "Ray Train's controller" if rank == "controller" else f"rank {rank}"
+    return f"{where}: {type(root).__name__}: {text}"[:500]
+
+
 def run_training(request: TrainRequest) -> TrainSummary:
     _check_data(request)
     _check_vgg_weights(request)
@@ -305,6 +425,7 @@ def run_training(request: TrainRequest) -> TrainSummary:
         storage.check_writable(request.run.run)
     except storage.StorageError as exc:
         raise UserError(str(exc)) from None
+    _check_ray_snapshot(request)
     storage.write_text(request.run.config, request.config.to_json())
     ensure_ray(request.verbose)
     _check_placeable(request)
@@ -317,11 +438,14 @@ def run_training(request: TrainRequest) -> TrainSummary:
           f"{f' of {schedule.reference_batch} samples' if schedule.unit == 'samples' else ''} "
           f"({schedule.generator_steps} generator, {schedule.discriminator_steps} discriminator, "
           f"{schedule.joint_steps} joint); tensorboard --logdir {request.run.tensorboard}", flush=True)
+    storage.remove(request.run.stopped)  # a previous attempt's reason; this attempt writes its own
     try:
         trainer.fit()
-    except ray.train.WorkerGroupError as exc:
+    except ray.train.TrainingFailedError as exc:  # the workers' errors, or the controller's (a full disk)
         return TrainSummary(ok=False, run=request.run, step=None, phase=None, checkpoint=None,
-                            error=f"training failed after {request.max_failures} restart(s): {exc}")
+                            error=f"training failed after {request.max_failures} restart(s): {worker_failure(exc)}")
+    stopped = storage.read_json(request.run.stopped)
+    diverged = stopped.get("reason") if isinstance(stopped, dict) else None
     # The run folder, not Ray's result, says where the run stands: Ray's record can lag it (a job
     # killed between upload and registration), and a run found finished reports no new checkpoint.
     step = phase = location = None
@@ -329,6 +453,8 @@ def run_training(request: TrainRequest) -> TrainSummary:
     if found:  # the newest complete checkpoint: the one the next resume starts from
         location, meta = found[-1]
         step, phase = meta.get("step"), meta.get("phase")
+    if diverged:  # stopped by the training loop: no checkpoint after the divergence, nothing to evaluate
+        return TrainSummary(ok=False, run=request.run, step=step, phase=phase, checkpoint=location, error=diverged)
     summary = TrainSummary(ok=True, run=request.run, step=step, phase=phase, checkpoint=location)
     if request.evaluate and location is not None:
         summary.evaluation, summary.report = evaluate_final(location, request)

@@ -8,6 +8,7 @@ every rank calls ``report`` at the same steps (it is a barrier).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -30,7 +31,7 @@ from inpaint.config import Config
 from inpaint.data import TrainLoader, make_train_loader
 from inpaint.distributed import CheckpointCadence, grouped, prepare_for_training
 from inpaint.phases import Phase
-from inpaint.run_folder import RunPaths, checkpoint_name, checkpoint_urls
+from inpaint.run_folder import RunPaths, checkpoint_name, checkpoint_urls, move_aside
 from inpaint.trainer import Stateful, Trainer
 
 log = logging.getLogger("inpaint.train")
@@ -88,6 +89,22 @@ def _load_registered(trainer: Trainer, registered: ray.train.Checkpoint, data: S
         return trainer.load(directory, data=data)
 
 
+def _set_aside(url: str, reason: str, *, skip_logged: bool = False) -> None:
+    """Move a checkpoint that will never load aside (see :func:`inpaint.run_folder.move_aside`), so that
+    training past its step replaces nothing; a failure to move it is logged, not fatal.
+
+    One warning per checkpoint: ``skip_logged`` when the listing already said it skipped it.
+    """
+    try:
+        aside = move_aside(url, reason)
+        if skip_logged:
+            log.warning("moved %s aside to %s", url, aside)
+        else:
+            log.warning("skipping %s: %s; moved it aside to %s", url, reason, aside)
+    except storage.StorageError as move_error:
+        log.warning("%s (%s) could not be moved aside: %s", url, reason, move_error)
+
+
 def choose_checkpoint(trainer: Trainer, run: RunPaths, registered: ray.train.Checkpoint | None,
                       data: Stateful | None = None) -> tuple[str | None, dict[str, Any] | None]:
     """Load the newest checkpoint of the run that loads; return (its URL or REGISTERED or None, its meta).
@@ -101,15 +118,20 @@ def choose_checkpoint(trainer: Trainer, run: RunPaths, registered: ray.train.Che
     registered does not end training. None of them loading means a fresh start.
     """
     registered_name = storage.name(registered.path) if registered is not None else None
+    rejected: list[tuple[str, str]] = []  # folders with a marker that is not trusted (a copy cut short)
     try:
-        listed = [url for url, _ in reversed(checkpoint_urls(run.run))]  # newest step first
+        listed = [url for url, _ in reversed(checkpoint_urls(run.run, rejected))]  # newest step first
     except Exception as exc:  # storage unreachable right now: Ray's own record is still worth a try
         log.warning("cannot list the checkpoints of %s (%s); trying Ray's registered checkpoint", run.run, exc)
         listed = []
+    for url, reason in rejected:  # no writer is left at a restore: these will never complete
+        _set_aside(url, reason, skip_logged=True)
     for url in listed:
         try:
             return url, _load_url(trainer, url, data)
-        except (CheckpointError, storage.StorageError, OSError) as exc:
+        except CheckpointError as exc:  # it will not load on a retry either: keep it from being overwritten
+            _set_aside(url, " ".join(str(exc).split()))
+        except (storage.StorageError, OSError) as exc:
             log.warning("skipping %s: %s", url, " ".join(str(exc).split()))
     if registered is not None and registered_name not in {storage.name(url) for url in listed}:
         try:
@@ -210,6 +232,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     batch_size = config.data.batch_size
     meter = ThroughputMeter(device, world_size)
     uploads = UploadGate()
+    reported_nonfinite = 0
     try:
         data_iter = iter(loader)
         while not trainer.done:
@@ -225,7 +248,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if keys is not None:
                 keys.add(step, trainer.samples_seen, phase.value, batch)
 
-            if writer is not None and step % config.log.every_steps == 0:
+            logged = step % config.log.every_steps == 0
+            boundary = trainer.schedule.crosses_boundary(before, (trainer.step, trainer.samples_seen))
+            checkpointing = cadence.due(step) or boundary or trainer.done  # due(): agreed by all ranks
+            if logged or checkpointing:  # the loop syncs here anyway: read the non-finite step counts
+                skipped_nonfinite, diverged = trainer.nonfinite_status(batch)
+                if skipped_nonfinite > reported_nonfinite and rank == 0:
+                    log.warning("step %d: %d step(s) so far skipped for a non-finite loss or gradient",
+                                step, skipped_nonfinite)
+                reported_nonfinite = skipped_nonfinite
+                if diverged:
+                    _stop_diverged(trainer, run, diverged, rank)
+                    return
+            if writer is not None and logged:
                 scalars = {k: float(v) for k, v in losses.items()}
                 window = meter.window()
                 scalars.update(window)
@@ -236,6 +271,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "lr/generator": trainer.g_optimizer.param_groups[0]["lr"],
                     "lr/discriminator": trainer.d_optimizer.param_groups[0]["lr"],
                     "data/epoch": batch.get("epoch", 0),
+                    "train/skipped_nonfinite": skipped_nonfinite,
                 })
                 writer.scalars(scalars, step)
                 left = trainer.schedule.steps_left(step, trainer.samples_seen, batch_size * world_size)
@@ -246,8 +282,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 count = config.log.image_count
                 writer.image_grid(masked[:count], completed[:count], original[:count], step)
 
-            boundary = trainer.schedule.crosses_boundary(before, (trainer.step, trainer.samples_seen))
-            if cadence.due(step) or boundary or trainer.done:
+            if checkpointing:
                 if keys is not None:
                     keys.flush(step)
                 _report(trainer, loader, losses, rank, writer, uploads)
@@ -255,6 +290,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     finally:
         if writer is not None:
             writer.close()
+
+
+def _stop_diverged(trainer: Trainer, run: RunPaths, reason: str, rank: int) -> None:
+    """End training without a checkpoint: rank 0 records why in RUN/stopped.json, which the driver
+    reads (a report without a checkpoint does not reach Ray's result); every rank returns.
+
+    Every rank gets here at the same step (the gradients checked are all-reduced), and returning
+    normally keeps Ray from restarting a run that would only diverge again.
+    """
+    if rank == 0:
+        log.error("%s", reason)
+        storage.write_text(run.stopped, json.dumps({"step": trainer.step, "phase": trainer.phase.value,
+                                                    "reason": reason}))
 
 
 def _report(trainer: Trainer, loader: TrainLoader, losses: dict[str, torch.Tensor], rank: int,

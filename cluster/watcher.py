@@ -81,6 +81,14 @@ def release(folder: str) -> None:
     storage.remove(storage.join(folder, CLAIM))
 
 
+def clear_claims(folder: str) -> None:
+    """Remove the claim and every takeover marker once the folder's metrics.json (or UNLOADABLE)
+    says it is done: they only matter while an evaluation runs, and must not be left behind."""
+    for url in storage.list_files(folder):
+        if storage.name(url) == CLAIM or storage.name(url).startswith(f"{CLAIM}.takeover-"):
+            storage.remove(url)
+
+
 class ClaimHeartbeat:
     """Renews a held claim every ``timeout_s / 4`` seconds from a background thread, until stopped.
 
@@ -180,6 +188,10 @@ def _list_checkpoints(run_url: str) -> list[tuple[str, dict[str, Any]]]:
     return checkpoints
 
 
+def _done(folder: str) -> bool:
+    return storage.exists(storage.join(folder, ev.METRICS_FILE)) or storage.exists(storage.join(folder, UNLOADABLE))
+
+
 def _evaluate_claimed(checkpoint_url: str, folder: str, request: EvaluationRequest, summary: WatchSummary,
                       heartbeat: ClaimHeartbeat) -> None:
     """Evaluate a claimed checkpoint; a deleted one is skipped, an incomplete one released for later.
@@ -193,12 +205,17 @@ def _evaluate_claimed(checkpoint_url: str, folder: str, request: EvaluationReque
         heartbeat.stop()
         release(folder)
 
+    if _done(folder):  # finished by another watcher between our listing and our claim
+        heartbeat.stop()
+        clear_claims(folder)
+        return
     try:
         subject = load_subject(checkpoint_url)
     except ckpt.UnloadableCheckpoint as exc:
         log.warning("skipping %s: %s", name, exc)
         storage.write_text(storage.join(folder, UNLOADABLE), f"{exc}\n")
-        release_claim()
+        heartbeat.stop()
+        clear_claims(folder)
         summary.unloadable.append(name)
         return
     except (ckpt.CheckpointError, storage.StorageError) as exc:
@@ -214,6 +231,8 @@ def _evaluate_claimed(checkpoint_url: str, folder: str, request: EvaluationReque
     except BaseException:
         release_claim()  # let a later poll, or another watcher, try again
         raise
+    heartbeat.stop()
+    clear_claims(folder)  # metrics.json marks it evaluated now
     log.info("%s", result.describe())
     summary.evaluated.append(name)
 
@@ -232,7 +251,7 @@ def watch(run_url: str, request: EvaluationRequest, *, interval: float | None = 
         checkpoints = _list_checkpoints(run.run)
         for checkpoint_url, _ in checkpoints:
             folder = run.evaluation(storage.name(checkpoint_url))
-            if storage.exists(storage.join(folder, ev.METRICS_FILE)) or storage.exists(storage.join(folder, UNLOADABLE)):
+            if _done(folder):
                 continue
             if not claim(folder, owner, timeout_s=claim_timeout_s, settle_s=settle_s):
                 log.info("%s is claimed by another evaluator; leaving it", storage.name(checkpoint_url))

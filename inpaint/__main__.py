@@ -30,22 +30,22 @@ the eager model on random inputs before it appears (details: inpaint/export.py).
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from inpaint.cli import OneLineParser, positive_int
+    from inpaint.cli import OneLineParser, local_path, path_text, positive_int
 
     parser = OneLineParser(prog="inpaint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     fill = commands.add_parser("fill", description=FILL_HELP, help="fill holes in your own images",
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    fill.add_argument("--checkpoint", required=True,
+    fill.add_argument("--checkpoint", required=True, type=path_text,
                       help="checkpoint folder, or a run folder (its latest checkpoint); local or s3://")
-    fill.add_argument("--image", required=True, type=Path, help="an image file, or a folder of images")
+    fill.add_argument("--image", required=True, type=local_path, help="an image file, or a folder of images")
     holes = fill.add_mutually_exclusive_group(required=True)
-    holes.add_argument("--mask", type=Path,
+    holes.add_argument("--mask", type=local_path,
                        help="mask PNG (white = hole), or with a folder --image a folder of same-named masks")
     holes.add_argument("--box", type=parse_box, metavar="X,Y,W,H",
                        help="a rectangular hole in pixels (top-left x, y, width, height), for every image")
-    fill.add_argument("--output", required=True, type=Path,
+    fill.add_argument("--output", required=True, type=local_path,
                       help="output image file, or a folder (written as <name>.png) for a folder --image")
     fill.add_argument("--blend", action="store_true",
                       help="Poisson-blend the fill into its surroundings as GLCIC does (needs opencv: "
@@ -135,6 +135,7 @@ def fill(args: argparse.Namespace) -> None:
     from PIL import Image
     from tqdm import tqdm
 
+    from inpaint import storage
     from inpaint.inference import Inpainter, InpaintError, box_hole, hole_array, image_array
 
     jobs = plan(args.image, args.mask, args.output)
@@ -155,10 +156,18 @@ def fill(args: argparse.Namespace) -> None:
             output_path.parent.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise InpaintError(f"cannot write {output_path}: a part of its folder is a file") from None
+        image_format = Image.registered_extensions().get(output_path.suffix.lower())
+        if image_format is None:
+            raise InpaintError(f"{output_path}: unknown image format; name the output .png")
+        if output_path.is_dir():
+            raise InpaintError(f"cannot write {output_path}: it is a folder")
         try:
-            Image.fromarray(filled).save(output_path)
-        except (ValueError, KeyError):  # PIL's answer to an unknown extension
-            raise InpaintError(f"{output_path}: unknown image format; name the output .png") from None
+            # Written beside the output and renamed once complete: a full disk or Ctrl-C keeps
+            # the old file, and a link at the output's name is replaced, never written through.
+            with storage.atomic_local(output_path) as partial:
+                Image.fromarray(filled).save(partial, format=image_format)
+        except (ValueError, KeyError):  # PIL cannot write this format for this image
+            raise InpaintError(f"{output_path}: cannot be written as {image_format}; name the output .png") from None
         print(f"{image_path} -> {output_path} ({int(hole.sum())} px filled)")
 
 
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     from inpaint.checkpoint import CheckpointError
     from inpaint.export import ExportError
     from inpaint.inference import InpaintError
+    from inpaint.storage import StorageError
 
     try:
         if args.command == "export":
@@ -175,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             export(args)
         else:
             fill(args)
-    except (InpaintError, CheckpointError, BaselineError, ExportError) as exc:
+    except (InpaintError, CheckpointError, BaselineError, ExportError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # an unwritable output path

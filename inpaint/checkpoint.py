@@ -99,6 +99,12 @@ def save_checkpoint(
     meta: dict[str, Any],
 ) -> Path:
     """Write a checkpoint into ``directory`` (created if needed); ``meta.json`` goes last."""
+    for label, state in (("generator", generator), ("discriminator", discriminator or {})):
+        for key, value in state.items():
+            # One pass over the weights per checkpoint: NaN weights would be resumed from and evaluated.
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"not saving a checkpoint at step {meta.get('step')}: "
+                                      f"{label} weight {key} is not finite")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # a rewrite is incomplete until its new meta lands
@@ -139,10 +145,34 @@ def check_meta_shape(meta: Any, where: str) -> dict[str, Any]:
     return meta
 
 
+META_LIMIT = 16 << 20  # a meta.json is a few KiB; a huge one is not ours
+
+
+def _own_file(directory: str | os.PathLike, name: str) -> None:
+    """CheckpointError unless ``directory/name`` is missing or a regular file inside ``directory``.
+
+    A name with a folder in it, a link that leads out of the folder, or a FIFO (which would block
+    whoever opens it) is refused before anything reads it.
+    """
+    root = os.path.realpath(directory)
+    path = os.path.join(directory, name)
+    if os.path.dirname(os.path.normpath(name)) or not os.path.lexists(path):
+        if os.path.dirname(os.path.normpath(name)):
+            raise UnloadableCheckpoint(f"{directory}: {META_FILE} lists {name!r}, which is not a file name")
+        return
+    if os.path.dirname(os.path.realpath(path)) != root:
+        raise UnloadableCheckpoint(f"{path}: a link out of its checkpoint folder; refusing to read it")
+    if not os.path.isfile(path):
+        raise UnloadableCheckpoint(f"{path}: not a regular file; refusing to read it")
+
+
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / META_FILE
+    _own_file(directory, META_FILE)
     if not path.is_file():
         raise CheckpointError(f"{directory}: not a complete checkpoint (no {META_FILE})")
+    if path.stat().st_size > META_LIMIT:
+        raise UnloadableCheckpoint(f"{path}: larger than a {META_FILE} can be ({path.stat().st_size} bytes)")
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -164,11 +194,16 @@ def verify_checkpoint(directory: str | os.PathLike, *, checksums: bool = True,
     for name in files if files is not None else tuple(recorded):
         expected = recorded.get(name)
         path = Path(directory) / name
+        _own_file(directory, name)
         if expected is None or not path.is_file():
             raise CheckpointError(f"{directory}: incomplete checkpoint, {name} is missing")
         if path.stat().st_size != expected["bytes"]:
             raise CheckpointError(f"{directory}: incomplete checkpoint, {name} has the wrong size")
-        if checksums and _sha256(path) != expected["sha256"]:
+        try:
+            digest = _sha256(path) if checksums else None
+        except OSError as exc:  # not readable by this user, an I/O error
+            raise CheckpointError(f"{path}: cannot be read ({exc.strerror or _one_line(exc)})") from None
+        if checksums and digest != expected["sha256"]:
             raise CheckpointError(f"{directory}: corrupt checkpoint, {name} fails its sha256")
     return meta
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+from pathlib import Path
 from typing import Callable
 
 
@@ -62,3 +64,45 @@ seed_int = number_type(int, low=0, high=2**32 - 1)
 positive_float = number_type(float, low=0, low_open=True)
 non_negative_float = number_type(float, low=0)
 fraction = number_type(float, low=0, high=1)
+
+
+def path_text(text: str) -> str:
+    """An argparse ``type=`` for a path or URL: empty or whitespace-only is refused.
+
+    An empty ``--output ''`` would otherwise read as "not given" and fall back to the default,
+    overwriting what the default names.
+    """
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path or URL, got {text!r}")
+    if text != text.strip():
+        raise argparse.ArgumentTypeError(f"leading or trailing whitespace in {text!r}")
+    return text
+
+
+path_text.__name__ = "path"
+
+
+def local_path(text: str) -> Path:
+    return Path(path_text(text))
+
+
+local_path.__name__ = "path"
+
+# One path segment of safe characters: a run name becomes a folder under --storage, so "..", "."
+# or "a/b" would put the run outside it or somewhere unexpected.
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_name(name: str) -> str:
+    """``name`` if it is a safe run name, else ValueError saying what a run name may be."""
+    if not _RUN_NAME.fullmatch(name) or name.endswith("."):
+        raise ValueError(f"a run name is one path segment of letters, digits, '.', '_' and '-' "
+                         f"starting with a letter or digit (at most 128), got {name!r}")
+    return name
+
+
+def non_empty(text: str) -> str:
+    """An argparse ``type=`` for a word that may not be empty (a split name)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a name, got {text!r}")
+    return text

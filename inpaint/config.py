@@ -182,6 +182,7 @@ class MaskConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.kind, MASK_KINDS, "mask.kind")
+        _check(0 < self.max_side <= 1, "mask.max_side", f"must be in (0, 1], got {self.max_side}")
         _check(0 < self.min_side <= self.max_side <= 1, "mask.min_side",
                f"need 0 < min_side <= max_side <= 1, got {self.min_side}, {self.max_side}")
         _check(0 < self.center_area < 1, "mask.center_area", f"must be in (0, 1), got {self.center_area}")
@@ -205,9 +206,14 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # 0 = off
     name: str = "adam"  # adam or adadelta
+    # A step whose loss or gradients are not finite is skipped; this many skipped in a row (of one
+    # network's steps) stop the run, naming the loss term: training has diverged.
+    max_nonfinite_steps: int = 10
 
     def __post_init__(self) -> None:
         _one_of(self.name, OPTIMIZERS, "optim.name")
+        _check(self.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps",
+               f"must be >= 1, got {self.max_nonfinite_steps}")
         _check(self.g_lr > 0, "optim.g_lr", f"must be > 0, got {self.g_lr}")
         _check(self.d_lr > 0, "optim.d_lr", f"must be > 0, got {self.d_lr}")
         _check(0 <= self.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {self.beta1}")
@@ -258,6 +264,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        for name in ("train_split", "eval_split"):
+            _check(bool(getattr(self, name).strip()), f"data.{name}", "must name a split of the dataset, got ''")
+        # Training on the held-out images would make every evaluation meaningless.
+        _check(self.train_split != self.eval_split, "data.train_split",
+               f"must differ from data.eval_split ({self.eval_split!r}): evaluation uses held-out images")
 
 
 @dataclass
@@ -372,7 +383,7 @@ class Config:
 RESUMABLE: tuple[str, ...] = (
     "data.url", "data.num_workers", "checkpoint.*", "log.*",
     "runtime.device", "runtime.bf16", "runtime.channels_last", "runtime.compile", "runtime.ddp_comm",
-    "loss.cx_chunk", "schedule.joint_steps",
+    "loss.cx_chunk", "schedule.joint_steps", "optim.max_nonfinite_steps",
 )
 
 

@@ -9,6 +9,7 @@
                                       per_image.csv, and a watcher's CLAIM / UNLOADABLE markers
     RUN/evaluations/baseline-<name>/  a classical baseline under the same protocol
     RUN/skipped_samples.json          training samples lost to damaged data (each replaced)
+    RUN/stopped.json                  why the last attempt stopped early (training diverged)
     RUN/sample_keys/attempt-<A>/      with log.sample_keys: the samples each rank trained on, per step
 
 Change a name here and every writer and reader follows: the training loop, the TensorBoard
@@ -33,10 +34,14 @@ TENSORBOARD = "tensorboard"
 SAMPLES = "samples"
 EVALUATIONS = "evaluations"
 SKIPPED_SAMPLES = "skipped_samples.json"
+STOPPED = "stopped.json"  # why training stopped before its schedule ended (it diverged); the driver reports it
 SAMPLE_KEYS = "sample_keys"  # the log.sample_keys debug hook's records (cluster/sample_keys.py)
 EVAL_EVENTS = "eval"  # RUN/tensorboard/eval: a checkpoint's evaluation scalars
 CLAIM = "CLAIM"  # RUN/evaluations/<checkpoint>/CLAIM: a watcher is evaluating it
 UNLOADABLE = "UNLOADABLE"  # beside CLAIM: it verifies but cannot be loaded; never retried
+UNLOADABLE_SUFFIX = ".unloadable"  # RUN/checkpoint_X.unloadable/: moved aside by a resume, with REASON
+REASON = "REASON"
+MOVED = "MOVED"  # left at the old name of a checkpoint moved aside: where it went and why
 
 
 def checkpoint_name(step: int) -> str:
@@ -102,6 +107,10 @@ class RunPaths:
         return storage.join(self.evaluations, name)
 
     @property
+    def stopped(self) -> str:
+        return storage.join(self.run, STOPPED)
+
+    @property
     def skipped_samples(self) -> str:
         return storage.join(self.run, SKIPPED_SAMPLES)
 
@@ -138,18 +147,50 @@ def run_of_checkpoint(checkpoint_url: str) -> RunPaths:
     return RunPaths.of(storage.parent(checkpoint_url))
 
 
-def checkpoint_urls(run_url: str) -> list[tuple[str, dict[str, Any]]]:
-    """(URL, meta) of each checkpoint with a meta.json directly under a run folder, oldest step first."""
+def incomplete_files(folder_url: str, meta: dict[str, Any]) -> list[str]:
+    """The files ``meta`` lists that the folder holds at another size (one listing, no reads).
+
+    The marker ``meta.json`` is written last, but a copy of the folder to storage (Ray's upload,
+    an interrupted sync, a full disk) does not keep that order: a marker beside a file cut short
+    is not trusted. A listed file that is absent is left to the loader, which verifies (size and
+    sha256) exactly the files it reads: inference needs only the generator and config.
+    """
+    sizes = storage.file_sizes(folder_url)
+    return [name for name, entry in meta.get("files", {}).items()
+            if name in sizes and sizes[name] != entry.get("bytes")]
+
+
+def checkpoint_urls(run_url: str, rejected: list[tuple[str, str]] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(URL, meta) of each complete checkpoint directly under a run folder, oldest step first.
+
+    Complete: a meta.json of the right shape, and no file it lists present at another size.
+    ``rejected``, when given, receives (URL, reason) of each folder whose marker is not trusted.
+    """
     found = []
     for folder in storage.list_subdirs(run_url):
         name = storage.name(folder)
-        document = storage.read_json(storage.join(folder, META_FILE))
+        if name.endswith(UNLOADABLE_SUFFIX):
+            continue  # a checkpoint a resume moved aside
+        try:
+            document = storage.read_json(storage.join(folder, META_FILE))
+        except storage.StorageError as exc:  # a FIFO or a huge file named meta.json, unreadable
+            log.warning("skipping %s: %s", name, exc)
+            continue
         if document is None:
             continue  # not a checkpoint (tensorboard/, evaluations/) or one still being written
         try:
             meta = check_meta_shape(document, name)
         except UnloadableCheckpoint as exc:
             log.warning("skipping %s: %s", name, exc)
+            if rejected is not None:
+                rejected.append((storage.join(run_url, name), str(exc)))
+            continue
+        missing = incomplete_files(folder, meta)
+        if missing:
+            reason = f"incomplete, {', '.join(missing)} of the wrong size"
+            log.warning("skipping %s: %s", name, reason)
+            if rejected is not None:
+                rejected.append((storage.join(run_url, name), reason))
             continue
         found.append((meta.get("step", -1), name, storage.join(run_url, name), meta))
     return [(url, meta) for _, _, url, meta in sorted(found, key=lambda item: item[:2])]
@@ -188,3 +229,24 @@ def first_loadable(url: str, load: Callable[[str], T]) -> tuple[str, T]:
             log.warning("skipping %s: %s", storage.name(candidate), exc)
             errors.append(str(exc))
     raise CheckpointError(f"{url}: none of its {len(candidates)} checkpoint(s) loads (newest: {errors[0]})")
+
+
+def move_aside(checkpoint_url: str, reason: str) -> str:
+    """Rename an unloadable checkpoint folder to ``NAME.unloadable`` (``NAME.2.unloadable``, ... when
+    taken) with its reason in ``REASON``, leaving ``NAME/MOVED`` that says so; returns the new URL.
+
+    Training that resumes from an older checkpoint would otherwise write over it when it reaches
+    its step again: moved aside, nothing is silently replaced and a user can inspect it.
+    """
+    base = checkpoint_url.rstrip("/")
+    target = f"{base}{UNLOADABLE_SUFFIX}"
+    number = 1
+    while storage.exists(target):
+        number += 1
+        target = f"{base}.{number}{UNLOADABLE_SUFFIX}"
+    storage.move(base, target)
+    storage.write_text(storage.join(target, REASON), reason.rstrip() + "\n")
+    # A note at the old name: Ray Train may still list the folder and, pruning old checkpoints,
+    # fails on a path that no longer exists. Without a meta.json it is never taken for a checkpoint.
+    storage.write_text(storage.join(base, MOVED), f"moved to {target}: {reason.rstrip()}\n")
+    return target

@@ -17,11 +17,13 @@ fork-safe. Buckets are never created: a mistyped bucket name is an error.
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
 import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 import uuid
@@ -60,9 +62,14 @@ def reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+# A full disk, an exceeded quota, a read-only filesystem: waiting a few seconds fixes none of them.
+_PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
 def _is_permanent(exc: BaseException) -> bool:
     return (isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
                              NotADirectoryError, ValueError, TypeError))
+            or (isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS)
             or type(exc).__name__ in _PERMANENT_NAMES)
 
 
@@ -187,16 +194,47 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 # ------------------------------------------------------------------ reading
-def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
-    """The whole object at ``url``; MissingObject when nothing is there, StorageError when unreachable."""
+# The largest JSON document (meta.json, config.json, metrics.json, claims) read whole: a planted
+# multi-GiB file named meta.json must not exhaust memory.
+JSON_LIMIT = 64 << 20
+
+
+def _regular_size(url: str, path: str) -> int:
+    """The size of the local regular file ``path``; a StorageError for a FIFO, device or socket.
+
+    Opening a FIFO blocks until someone writes to it, so a planted ``meta.json`` FIFO would hang
+    any reader: such files are refused before they are opened.
+    """
+    info = os.stat(path)  # FileNotFoundError: the caller's MissingObject
+    if not stat.S_ISREG(info.st_mode):
+        raise StorageError(f"{url}: not a regular file; refusing to read it")
+    return info.st_size
+
+
+def read_bytes(url: str, storage_options: dict | None = None, limit: int | None = None) -> bytes:
+    """The whole object at ``url``; MissingObject when nothing is there, StorageError when unreachable.
+
+    Only regular files are read locally; ``limit`` (bytes) refuses larger objects before reading.
+    """
     fs, path = filesystem(url, storage_options)
+    if is_local(fs):
+        size = _do(url, "read", lambda: _regular_size(url, path))
+    elif limit is not None:
+        size = _do(url, "stat", lambda: fs.size(path)) or 0
+    else:
+        size = 0
+    if limit is not None and size > limit:
+        raise StorageError(f"{url}: {size} bytes, more than the {limit} this file may have; refusing to read it")
     return _do(url, "read", lambda: fs.cat_file(path))
 
 
 def read_json(url: str, storage_options: dict | None = None) -> Any | None:
-    """The JSON document at ``url``; None when it is missing or not JSON (e.g. still being written)."""
+    """The JSON document at ``url``; None when it is missing or not JSON (e.g. still being written).
+
+    A file that cannot be JSON here (not a regular file, over :data:`JSON_LIMIT`) is a StorageError.
+    """
     try:
-        return json.loads(read_bytes(url, storage_options))
+        return json.loads(read_bytes(url, storage_options, limit=JSON_LIMIT))
     except (MissingObject, UnicodeDecodeError, json.JSONDecodeError):
         return None
 
@@ -221,6 +259,7 @@ def read_into(url: str, buffer: bytearray, storage_options: dict | None = None) 
             target = fit(len(data))
             target[:len(data)] = data
             return target, len(data)
+        _regular_size(url, path)
         with open(path, "rb") as file:
             target = fit(os.fstat(file.fileno()).st_size)
             view, size = memoryview(target), 0
@@ -283,6 +322,47 @@ def list_files(url: str) -> list[str]:
     return _do(url, "list", listing)
 
 
+def refuse_links(url: str, levels: int) -> None:
+    """StorageError when the local ``url`` or one of its ``levels - 1`` parents is a symbolic link.
+
+    For outputs placed inside a folder the command did not create (a run's evaluations): a link
+    planted there would send the writes outside it. Object stores have no links.
+    """
+    if is_remote(url):
+        return
+    path = os.path.abspath(url.removeprefix("file://"))
+    for _ in range(levels):
+        if os.path.islink(path):
+            raise StorageError(f"{path} is a symbolic link; refusing to write through it (remove it)")
+        path = os.path.dirname(path)
+
+
+def file_sizes(url: str) -> dict[str, int]:
+    """Name -> size in bytes of the regular files directly in the folder ``url`` (empty when missing).
+
+    Links and other non-regular entries are left out: a checkpoint's files must be its own.
+    """
+    fs, path = filesystem(url)
+
+    def listing() -> dict[str, int]:
+        if is_local(fs):
+            if not os.path.isdir(path):
+                return {}
+            found = {}
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.is_file(follow_symlinks=False):
+                        found[entry.name] = entry.stat(follow_symlinks=False).st_size
+            return found
+        fs.invalidate_cache(path)
+        if not fs.exists(path):
+            return {}
+        return {name(entry["name"]): int(entry.get("size") or 0) for entry in fs.ls(path, detail=True)
+                if entry["type"] == "file"}
+
+    return _do(url, "list", listing)
+
+
 def get_file(url: str, local: str | Path) -> None:
     fs, path = filesystem(url)
     _do(url, "download", lambda: fs.get_file(path, str(local)))
@@ -301,6 +381,32 @@ def download_dir(url: str, local_dir: str | Path | None = None) -> Path:
 
 
 # ------------------------------------------------------------------ writing
+@contextlib.contextmanager
+def atomic_local(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary path beside the local file ``path``; when the block succeeds it replaces ``path``.
+
+    The temporary is flushed to disk (fsync) before the rename, so a full disk, a crash or
+    Ctrl-C leaves either the old file or the new one, never a part; on failure it is removed.
+    A symlink at ``path`` is replaced by the new file, never written through.
+    """
+    path = os.fspath(path)
+    partial = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        yield partial
+        with open(partial, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(partial, path)
+    finally:
+        if os.path.lexists(partial):
+            os.remove(partial)
+
+
+def _write_local(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with atomic_local(path) as partial, open(partial, "wb") as f:
+        f.write(data)
+
+
 def makedirs(url: str) -> None:
     """Create a local folder; on object stores nothing (they have no folders, and s3fs's makedirs
     would create a missing *bucket*: a mistyped bucket name must be an error, never a new bucket)."""
@@ -313,17 +419,7 @@ def write_bytes(url: str, data: bytes) -> None:
     """Store ``data`` at ``url``, complete or not at all (a local temporary renamed; one upload)."""
     fs, path = filesystem(url)
     if is_local(fs):
-        def write() -> None:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            partial = f"{path}.partial-{uuid.uuid4().hex[:8]}"
-            try:
-                with open(partial, "wb") as f:
-                    f.write(data)
-                os.replace(partial, path)
-            finally:
-                if os.path.exists(partial):
-                    os.remove(partial)
-        _do(url, "write", write)
+        _do(url, "write", lambda: _write_local(path, data))
     else:
         _do(url, "write", lambda: fs.pipe_file(path, data))
 
@@ -355,11 +451,35 @@ def remove(url: str) -> None:
         _do(url, "delete", lambda: fs.rm(path))
 
 
+def _copy_local(source: str | Path, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with atomic_local(path) as partial:
+        shutil.copyfile(source, partial)
+
+
+def move(url: str, new_url: str) -> None:
+    """Rename a file or folder (an object store copies then deletes); refuses to replace ``new_url``."""
+    fs, path = filesystem(url)
+    _, new_path = filesystem(new_url)
+
+    def rename() -> None:
+        if fs.exists(new_path):
+            raise FileExistsError(f"{new_url} exists")
+        if is_local(fs):
+            os.rename(path, new_path)
+        else:
+            fs.mv(path, new_path, recursive=True)
+
+    _do(url, "move", rename)
+
+
 def put_file(local: str | Path, url: str) -> None:
+    """Copy a local file to ``url``, complete or not at all (an object appears when its upload completes)."""
     fs, path = filesystem(url)
     if is_local(fs):
-        _do(url, "create", lambda: fs.makedirs(os.path.dirname(path), exist_ok=True))
-    _do(url, "upload", lambda: fs.put_file(str(local), path))
+        _do(url, "write", lambda: _copy_local(local, path))
+    else:
+        _do(url, "upload", lambda: fs.put_file(str(local), path))
 
 
 def upload_dir(local_dir: str | Path, url: str) -> None:
@@ -368,7 +488,12 @@ def upload_dir(local_dir: str | Path, url: str) -> None:
     if not is_remote(url):
         target = Path(normalize(url))
         if target.resolve() != local_dir.resolve():
-            _do(url, "write", lambda: shutil.copytree(local_dir, target, dirs_exist_ok=True))
+            # File by file through a temporary renamed into place: a link planted at a target
+            # name is replaced, never written through, and a full disk leaves no partial file.
+            for file in sorted(local_dir.rglob("*")):
+                if file.is_file():
+                    destination = str(Path(os.path.abspath(target)) / file.relative_to(local_dir))
+                    _do(url, "write", lambda: _copy_local(file, destination))
         return
     for file in sorted(local_dir.rglob("*")):
         if file.is_file():
@@ -400,7 +525,7 @@ def check_writable(url: str) -> None:
 class Output:
     """A folder that receives files atomically: a file appears under its name only once complete.
 
-    Local files are written to ``NAME.partial`` and renamed; remote ones are uploaded from a local
+    Local files are written to ``NAME.partial-XXXX``, flushed and renamed; remote ones are uploaded from a local
     temporary file (an object store makes an object visible only when its upload completes, and
     s3fs would commit a half-written ``fs.open`` file when an exception closes it).
     """
@@ -434,19 +559,24 @@ class Output:
     def publish(self, name: str) -> Iterator[str]:
         """A local path to write ``name`` into; when the block succeeds it appears as ``name``.
 
-        Locally the path is ``NAME.partial`` beside the target, renamed at the end; remotely a
+        Locally the path is ``NAME.partial-XXXX`` beside the target, renamed at the end; remotely a
         temporary file that is uploaded. Either way it is gone afterwards, success or not.
         """
         if is_local(self.fs):
             _do(self.url, "write", lambda: os.makedirs(self.path, exist_ok=True))
-            local = join(self.path, f"{name}.partial")
+            # A fresh name: a file or link planted at a fixed temporary name is never written through.
+            local = join(self.path, f"{name}.partial-{uuid.uuid4().hex[:8]}")
         else:
             local = _temp_path(name)
         try:
             yield local
             target = join(self.path, name)
             if is_local(self.fs):
-                _do(join(self.url, name), "write", lambda: os.replace(local, target))
+                def place() -> None:
+                    with open(local, "rb+") as written:
+                        os.fsync(written.fileno())  # on disk before it appears under its name
+                    os.replace(local, target)
+                _do(join(self.url, name), "write", place)
             else:
                 _do(join(self.url, name), "write", lambda: self.fs.put_file(local, target))
         finally:

@@ -279,8 +279,7 @@ class Trainer:
         self.d_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         with record_function("optimizer"):
-            self._clip(self.discriminator)
-            self.d_optimizer.step()
+            self._finite_step("discriminator", self.d_optimizer, self.discriminator, {"d_bce": loss})
         return {"d_bce": loss.detach(), "d_prob_real": torch.sigmoid(real_logits.detach()).mean(),
                 "d_prob_fake": torch.sigmoid(fake_logits.detach()).mean()}
 
@@ -305,8 +304,8 @@ class Trainer:
         self.g_optimizer.zero_grad(set_to_none=True)
         total.backward()
         with record_function("optimizer"):
-            self._clip(self.generator)
-            self.g_optimizer.step()
+            self._finite_step("generator", self.g_optimizer, self.generator,
+                              {name: value for name, value in out.items() if name != "g_total"})
         out["g_total"] = total.detach()
         return out
 
@@ -339,6 +338,105 @@ class Trainer:
                 for name in loss_cfg.cx_layers
             ]
         return torch.stack(per_layer).mean()
+
+    # ----------------------------------------------------------------- non-finite steps
+    def _finite_step(self, network: str, optimizer: torch.optim.Optimizer, module: nn.Module,
+                     terms: dict[str, torch.Tensor]) -> None:
+        """Clip and step ``optimizer``, unless a loss term or a gradient is not finite: then the step
+        is skipped (parameters and optimizer state unchanged) and counted.
+
+        Without a host sync: the check is a device tensor that fused Adam takes as ``found_inf``
+        (as GradScaler hands it over), and the counts stay on the device until
+        :meth:`nonfinite_status` reads them where the loop already syncs. Adadelta has no fused
+        form, so there the check is read at once.
+        """
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        found = torch.zeros(1, device=self.device)
+        if grads:  # before clipping: an infinite norm would clip every gradient to zero, and Adam would step
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=self.device))
+        bad_terms = torch.stack([~torch.isfinite(value.detach().float()).all() for value in terms.values()])
+        found = torch.clamp(found + bad_terms.any().float(), max=1.0)
+        self._clip(module)
+        fused = bool(optimizer.defaults.get("fused"))
+        if fused:
+            optimizer.found_inf = found.reshape(())  # the shape of its step counters
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+        elif not found.item():
+            optimizer.step()
+        state = self.__dict__.setdefault("_nonfinite", {})
+        if network not in state:
+            zero = torch.zeros((), device=self.device)
+            state[network] = {"names": tuple(terms), "run": zero, "worst": zero, "total": zero,
+                              "terms": torch.zeros(len(terms), dtype=torch.bool, device=self.device)}
+        counts = state[network]
+        skipped = found[0]
+        counts["run"] = (counts["run"] + 1) * skipped  # consecutive skips; a good step resets it
+        counts["worst"] = torch.maximum(counts["worst"], counts["run"])
+        counts["total"] = counts["total"] + skipped
+        if counts["names"] == tuple(terms):  # the generator's terms change with the phase
+            counts["terms"] = torch.where(skipped > 0, bad_terms, counts["terms"])
+        else:
+            counts["names"], counts["terms"] = tuple(terms), bad_terms
+
+    def nonfinite_status(self, batch: dict[str, Any] | None = None) -> tuple[int, str | None]:
+        """(steps skipped for a non-finite loss or gradient so far, a one-line reason to stop or None).
+
+        Reads device counters (a host sync): call it where the loop syncs anyway (logging,
+        checkpoints). The reason is given once some network skipped ``optim.max_nonfinite_steps``
+        steps in a row: training has diverged. When every loss term was finite but the gradients
+        were not, ``batch`` (the last one) is used to find the term whose gradient is not.
+        """
+        state = self.__dict__.get("_nonfinite", {})
+        total, reason = 0, None
+        limit = self.config.optim.max_nonfinite_steps
+        for network, counts in state.items():
+            total += int(counts["total"].item())
+            worst = int(counts["worst"].item())
+            if worst >= limit and reason is None:
+                flags = counts["terms"].tolist()
+                named = [name for name, bad in zip(counts["names"], flags) if bad]
+                if not named and batch is not None and network == "generator":
+                    named = self._terms_with_nonfinite_gradients(batch)
+                    what = (f"the gradient of loss term {', '.join(named)} is not finite" if named
+                            else "its gradients are not finite (every loss term is)")
+                else:
+                    what = (f"loss term {', '.join(named)} is not finite" if named
+                            else "its gradients are not finite (every loss term is)")
+                reason = (f"training diverged: {worst} {network} steps in a row skipped, {what} "
+                          f"(optim.max_nonfinite_steps={limit}); lower the learning rate or check the loss settings")
+        return total, reason
+
+    def _terms_with_nonfinite_gradients(self, batch: dict[str, Any]) -> list[str]:
+        """The generator's loss terms whose own gradient is not finite on ``batch``: a diagnosis
+        made once, when training has diverged (a forward and one backward per term, no DDP)."""
+        image, mask, box = self._to_device(batch)
+        generator = _without_ddp(self.generator)
+        parameters = [p for p in generator.parameters() if p.requires_grad]
+        loss_cfg = self.config.loss
+        with torch.enable_grad(), self._autocast():
+            prediction = generator(image, mask)
+        completed = composite(image, prediction.float(), mask)
+        terms = {"g_rec": lambda: reconstruction_loss(prediction.float(), image, mask, masking=loss_cfg.rec_masking,
+                                                      hole_weight=loss_cfg.hole_weight)}
+        if self.vgg is not None:
+            terms["g_cx"] = lambda: self._contextual(completed, image)
+        if self.phase is Phase.JOINT:
+            discriminator = _without_ddp(self.discriminator)
+
+            def adversarial() -> torch.Tensor:
+                with frozen(discriminator), self._autocast():
+                    return generator_adversarial_loss(self._adversarial_logits(discriminator, image, completed, box))
+            terms["g_adv"] = adversarial
+        found = []
+        for name, term in terms.items():
+            with torch.enable_grad():
+                grads = torch.autograd.grad(term(), parameters, retain_graph=True, allow_unused=True)
+            if any(g is not None and not bool(torch.isfinite(g).all()) for g in grads):
+                found.append(name)
+        return found
 
     def _clip(self, module: nn.Module) -> None:
         if self.config.optim.grad_clip > 0:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
-from inpaint.cli import OneLineParser, positive_float, positive_int, seed_int  # noqa: E402  (light: no torch)
+from inpaint.cli import OneLineParser, non_empty, path_text, positive_float, positive_int, seed_int  # noqa: E402  (light: no torch)
 
 
 def num_images(text: str) -> int | None:
@@ -37,10 +37,10 @@ def num_images(text: str) -> int | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint); local or s3://")
-    what.add_argument("--watch", metavar="RUN_URL", help="evaluate every checkpoint of this run not evaluated yet")
-    parser.add_argument("--data", help="dataset folder URL (default: data.url of the checkpoint's / run's config)")
-    parser.add_argument("--output", help="output folder URL (default: RUN/evaluations/<checkpoint name>)")
+    what.add_argument("--checkpoint", type=path_text, help="checkpoint folder, or a run folder (its latest checkpoint); local or s3://")
+    what.add_argument("--watch", metavar="RUN_URL", type=path_text, help="evaluate every checkpoint of this run not evaluated yet")
+    parser.add_argument("--data", type=path_text, help="dataset folder URL (default: data.url of the checkpoint's / run's config)")
+    parser.add_argument("--output", type=path_text, help="output folder URL (default: RUN/evaluations/<checkpoint name>)")
     parser.add_argument("--num-images", type=num_images, default=128, metavar="N|all",
                         help="test images drawn with --seed (default: 128, the paper's); 'all' = the whole split")
     parser.add_argument("--seed", type=seed_int, default=0, help="draws the images and the random holes (default: 0)")
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Ray tasks in parallel when there are more than 2000 images (default: 1)")
     parser.add_argument("--baseline", choices=("mean", "telea", "biharmonic"),
                         help="evaluate a classical method instead (sizes, data, run folder from --checkpoint if given)")
-    parser.add_argument("--split", help="dataset split (default: the config's data.eval_split, i.e. test)")
+    parser.add_argument("--split", type=non_empty, help="dataset split (default: the config's data.eval_split, i.e. test)")
     parser.add_argument("--interval", type=positive_float, metavar="SECONDS",
                         help="with --watch: keep polling at this interval until the run is done")
     parser.add_argument("--max-polls", type=positive_int, metavar="N", help="with --watch --interval: stop after N polls")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
-from inpaint.cli import OneLineParser, fraction, positive_int, seed_int  # noqa: E402  (light: no torch)
+from inpaint.cli import OneLineParser, fraction, non_empty, path_text, positive_int, seed_int  # noqa: E402  (light: no torch)
 
 DATASETS = ("celeba", "lfw", "folder", "sample")
 
@@ -27,9 +27,9 @@ DATASETS = ("celeba", "lfw", "folder", "sample")
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="source layout")
-    parser.add_argument("--source", default=None, help="folder or archive as published (not for sample)")
-    parser.add_argument("--output", required=True, help="dataset folder URL: local path or s3://bucket/prefix")
-    parser.add_argument("--split", default=None,
+    parser.add_argument("--source", default=None, type=path_text, help="folder or archive as published (not for sample)")
+    parser.add_argument("--output", required=True, type=path_text, help="dataset folder URL: local path or s3://bucket/prefix")
+    parser.add_argument("--split", default=None, type=non_empty,
                         help="celeba: official (default) | paper; lfw: official (default) | person; others: random")
     parser.add_argument("--shard-size", type=positive_int, default=None,
                         help="images per shard (default: 1000; 32 for sample)")
@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dataset == "sample" and args.source is not None:
+        parser.error("--source: the built-in sample dataset has no source (it is cut from installed packages' photos)")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from inpaint.data import DataError, pack_dataset
@@ -60,6 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the output's disk full or read-only while writing a shard
+        print(f"error: cannot write {args.output}: {exc.strerror or exc}"
+              f"{f' ({exc.filename})' if exc.filename else ''}; rerun the same command to resume", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # index.json is written last, so the output holds no dataset yet: the same command resumes.
+        print(f"interrupted: {args.output} holds no index.json yet; rerun the same command to resume "
+              "(finished shards are kept)", file=sys.stderr)
+        return 130
     print(summary.describe())
     return 0
 

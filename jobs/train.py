@@ -17,25 +17,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
-from inpaint.cli import OneLineParser, non_negative_float, number_type, positive_float  # noqa: E402  (light: no torch)
+from inpaint.cli import OneLineParser, non_negative_float, number_type, path_text, positive_float  # noqa: E402  (light: no torch)
 
 DEFAULT_DATA = "data/sample"
 DEFAULT_STORAGE = "runs"
+MAX_FAILURES = 10_000  # a bound on a count, not a real limit: "-1" is the way to say "no limit"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="quickstart",
                         help="quickstart | celeba | lfw | glcic | debug (default: quickstart, ~5 min on 2 CPU cores)")
-    parser.add_argument("--data", default=None,
+    parser.add_argument("--data", default=None, type=path_text,
                         help=f"dataset folder URL with index.json (default: the built-in sample, packed to {DEFAULT_DATA})")
-    parser.add_argument("--storage", default=DEFAULT_STORAGE,
+    parser.add_argument("--storage", default=DEFAULT_STORAGE, type=path_text,
                         help="where runs live: local path or s3://bucket/prefix (default: ./runs)")
     parser.add_argument("--name", default=None, help="run name; the same name resumes (default: <recipe>-sample)")
     parser.add_argument("--workers", default="2", help="training workers: N, or MIN-MAX for an elastic run")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker: NCCL, bf16 autocast, channels_last")
-    parser.add_argument("--max-failures", type=number_type(int, low=-1), default=3,
-                        help="worker-group restarts before giving up (-1: no limit)")
+    parser.add_argument("--max-failures", type=number_type(int, low=-1, high=MAX_FAILURES), default=3,
+                        help=f"worker-group restarts before giving up (-1: no limit; at most {MAX_FAILURES})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a config field, e.g. --set optim.g_lr=1e-4 (repeatable)")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",

@@ -145,6 +145,14 @@ def _reusable(output: Output, name: str, shard: list[CheckedImage]) -> ShardInfo
 
 
 def _write(output: Output, name: str, shard: list[CheckedImage]) -> ShardInfo:
+    try:
+        return _publish_shard(output, name, shard)
+    except OSError as exc:  # a full disk or a read-only output: the partial shard is gone, nothing is marked done
+        raise DataError(f"cannot write {name} in {output.url}: {exc.strerror or exc}; "
+                        "free space and rerun the same command to resume") from None
+
+
+def _publish_shard(output: Output, name: str, shard: list[CheckedImage]) -> ShardInfo:
     with output.publish(name) as local:
         with open(local, "wb") as f:
             write_shard(f, ((c.image.key, c.ext, c.image.read(), _meta(c)) for c in shard))
@@ -165,6 +173,8 @@ def pack_dataset(kind: str, source: str | Path | None, output_url: str, shard_si
     ``shard_size`` defaults to DEFAULT_SHARD_SIZE images (SAMPLE_SHARD_SIZE for ``sample``).
     """
     started = time.perf_counter()
+    if kind == "sample" and source is not None:
+        raise DataError("--source: the built-in sample dataset has no source; drop --source")
     if shard_size is None:  # not `or`: 0 is a mistake, not "the default"
         shard_size = SAMPLE_SHARD_SIZE if kind == "sample" else DEFAULT_SHARD_SIZE
     if shard_size < 1:
@@ -200,7 +210,11 @@ def pack_dataset(kind: str, source: str | Path | None, output_url: str, shard_si
             "seed": seed, "shard_size": shard_size,
             "skipped": [{"name": name, "reason": reason} for name, reason in skipped]}
     index = DatasetIndex(output.url, kind, splits, meta)
-    output.write_bytes(INDEX_NAME, index.to_json().encode())
+    try:  # last: only once every shard is in place does the output hold a dataset
+        output.write_bytes(INDEX_NAME, index.to_json().encode())
+    except OSError as exc:
+        raise DataError(f"cannot write {INDEX_NAME} in {output.url}: {exc.strerror or exc}; "
+                        "free space and rerun the same command to resume") from None
     return PackSummary(output.url, kind, listing.split_method, {s: i.samples for s, i in splits.items()},
                        {s: len(i.shards) for s, i in splits.items()}, skipped, reused,
                        time.perf_counter() - started)
