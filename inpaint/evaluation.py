@@ -220,7 +220,7 @@ def metrics_document(subject: dict[str, Any], protocol: Protocol, scores: Scores
 def _label(document: dict[str, Any]) -> str:
     if document.get("baseline"):
         return f"baseline {document['baseline']}"
-    return f"step {document.get('step')}"
+    return f"step {document.get('step')}" + (", raw weights" if document.get("weights") == "raw" else "")
 
 
 def _fmt(summary: dict[str, float], digits: int) -> str:
