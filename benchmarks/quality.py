@@ -17,9 +17,14 @@ The budget is split between the phases as the paper splits its 500k iterations (
 2% discriminator, 80% joint) unless ``--phase-shares`` says otherwise; step counts come from a
 short calibration of each phase's step time, so the budget holds on a slower or busier machine.
 At ``--eval-points`` points the generator is evaluated on the whole held-out split under the
-evaluation protocol (every hole kind); mean fill, Telea and biharmonic are scored once on the
-same images and holes. Prints one table, writes ``quality.json`` and ``quality.png`` (hole PSNR
-against training time, one panel per hole kind) to ``--output``.
+evaluation protocol (every hole kind) in four variants: its trained (raw) weights and its moving
+average (``model.ema_decay``; ``ema``), each as the network outputs it and post-processed as
+``fill`` does by default (GLCIC's Poisson blending; ``+post``). Mean fill, Telea and biharmonic
+are scored once on the same images and holes. Prints the table, how much the average smooths
+each curve (the standard deviation of successive differences of hole PSNR between evaluation
+points, from the first joint-phase point on, where the curves swing) and what each variant
+ends at, and writes ``quality.json`` and ``quality.png`` (hole PSNR against training time, one
+panel per hole kind) to ``--output``.
 
 ``--bn-steps N`` then continues the paper network's final state for N joint steps once per
 ``loss.adv_disc_bn`` mode (train / eval / mixed) and reports the discriminator's view and the
@@ -49,13 +54,14 @@ from inpaint.config import Config, ConfigError, LossConfig, ModelConfig, Schedul
 from inpaint.data import iter_split, load_index, pack_dataset  # noqa: E402
 from inpaint.data.loader import make_train_loader  # noqa: E402
 from inpaint.hardware import describe_cpu_line  # noqa: E402
-from inpaint.inference import Inpainter  # noqa: E402
+from inpaint.inference import Inpainter, postprocess  # noqa: E402
 from inpaint.trainer import Trainer  # noqa: E402
 
 NETWORKS = ("paper", "glcic")
 BASELINES = ("mean", "telea", "biharmonic")
 PAPER_SHARES = (0.18, 0.02, 0.80)  # 90k / 10k / 400k of the paper's 500k iterations
 CALIBRATION_STEPS = (12, 6, 8)  # per phase; the first two of each are warm-up and not timed
+VARIANTS = ("raw", "raw+post", "ema", "ema+post")  # weights (trained / averaged) x output (network / post-processed)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -123,6 +129,39 @@ def figures(complete: ev.Completer, protocol: ev.Protocol, samples: list[ev.Samp
             for kind, values in ev.summarize(scores.rows, protocol.kinds).items()}
 
 
+def variant_figures(trainer: Trainer, config: Config, protocol: ev.Protocol,
+                    samples: list[ev.Sample]) -> dict[str, dict[str, dict[str, float]]]:
+    """{variant: {kind: {metric: mean}}} of the trainer's generator and its average, raw and post-processed."""
+    networks = {"raw": trainer.generator, "ema": trainer.ema.module if trainer.ema is not None else None}
+    out = {}
+    for weights, network in networks.items():
+        if network is None:
+            continue
+        inpainter = Inpainter(copy.deepcopy(network), config, device="cpu")
+        scores = ev.evaluate_samples(inpainter.complete, samples, protocol, batch_size=32, postprocess=postprocess)
+        for variant, prefix in ((weights, ""), (f"{weights}+post", ev.POST)):
+            out[variant] = {kind: {name: summary["mean"] for name, summary in values.items()}
+                            for kind, values in ev.summarize(scores.rows, protocol.kinds, prefix).items()}
+    return out
+
+
+def smoothness(curve: dict[str, Any], kinds: list[str]) -> dict[str, dict[str, float]]:
+    """{variant: {kind: std of successive hole-PSNR differences}} from the first joint-phase point on
+    (all points when there is none): how much a curve swings between evaluations."""
+    points = curve["points"]
+    start = next((i for i, p in enumerate(points) if p["phase"] == "joint"), 0)
+    start = max(0, start - 1)  # the difference into the joint phase counts: that is where the dip is
+    out: dict[str, dict[str, float]] = {}
+    for variant in points[0].get("variants", {}):
+        out[variant] = {}
+        for kind in kinds:
+            values = [p["variants"][variant][kind]["hole_psnr"] for p in points[start:]]
+            steps = [b - a for a, b in zip(values, values[1:])]
+            mean = sum(steps) / len(steps) if steps else 0.0
+            out[variant][kind] = (sum((d - mean) ** 2 for d in steps) / len(steps)) ** 0.5 if steps else 0.0
+    return out
+
+
 def baseline_figures(protocol: ev.Protocol, samples: list[ev.Sample]) -> dict[str, Any]:
     out = {}
     for name in BASELINES:
@@ -184,13 +223,16 @@ def train_curve(name: str, config: Config, args: argparse.Namespace) -> dict[str
         while trainer.step < mark:
             trainer.train_step(next(batches))
         trained_s += time.perf_counter() - start
-        inpainter = Inpainter(copy.deepcopy(trainer.generator), config, device="cpu")
-        result = figures(inpainter.complete, protocol, samples)
+        variants = variant_figures(trainer, config, protocol, samples)
+        result = variants["raw"]
         points.append({"step": trainer.step, "phase": trainer.schedule.phase_at(trainer.step - 1, 0).value,
-                       "train_s": round(trained_s, 1), "figures": result})
-        print(f"[{name}] step {trainer.step:>6} ({points[-1]['phase']:<13}) {trained_s:7.0f} s  hole PSNR "
-              + "  ".join(f"{kind} {result[kind]['hole_psnr']:.2f}" for kind in protocol.kinds), flush=True)
+                       "train_s": round(trained_s, 1), "figures": result, "variants": variants})
+        for variant, figs in variants.items():
+            print(f"[{name}] step {trainer.step:>6} ({points[-1]['phase']:<13}) {trained_s:7.0f} s  {variant:<8} "
+                  "hole PSNR " + "  ".join(f"{kind} {figs[kind]['hole_psnr']:.2f}" for kind in protocol.kinds),
+                  flush=True)
     out = {"network": name, "config": config.to_dict(), "step_s": step_s, "points": points}
+    out["smoothness"] = smoothness(out, list(protocol.kinds))
     if args.bn_steps and name == "paper":
         out["bn_experiment"] = bn_experiment(trainer, config, args.bn_steps, protocol, samples)
     return out
@@ -234,10 +276,31 @@ def table(result: dict[str, Any]) -> str:
                      + f" | {figs['random']['psnr']:.2f} / {figs['random']['ssim']:.3f} |")
     for curve in result["curves"]:
         for point in curve["points"]:
-            figs = point["figures"]
-            lines.append(f"| {curve['network']} | {point['step']} | {point['phase']} | {point['train_s']:.0f} | "
-                         + " | ".join(f"{figs[k]['hole_psnr']:.2f}" for k in kinds)
-                         + f" | {figs['random']['psnr']:.2f} / {figs['random']['ssim']:.3f} |")
+            for variant, figs in point.get("variants", {"raw": point["figures"]}).items():
+                lines.append(f"| {curve['network']} {variant} | {point['step']} | {point['phase']} | "
+                             f"{point['train_s']:.0f} | " + " | ".join(f"{figs[k]['hole_psnr']:.2f}" for k in kinds)
+                             + f" | {figs['random']['psnr']:.2f} / {figs['random']['ssim']:.3f} |")
+    return "\n".join(lines)
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    """Per network and variant: where it ends (hole PSNR per kind, beside biharmonic) and how much it swings."""
+    kinds = result["kinds"]
+    lines = ["| network | variant | " + " | ".join(f"{k} final" for k in kinds) + " | swing (dB) |",
+             "|---|---|" + "---|" * (len(kinds) + 1)]
+    reference = result["baselines"].get("biharmonic")
+    if reference:
+        lines.append("| biharmonic | - | " + " | ".join(f"{reference[k]['hole_psnr']:.2f}" for k in kinds) + " | - |")
+    for curve in result["curves"]:
+        last = curve["points"][-1].get("variants", {"raw": curve["points"][-1]["figures"]})
+        for variant, figs in last.items():
+            swing = curve.get("smoothness", {}).get(variant, {})
+            mean_swing = sum(swing.values()) / len(swing) if swing else float("nan")
+            lines.append(f"| {curve['network']} | {variant} | " + " | ".join(f"{figs[k]['hole_psnr']:.2f}" for k in kinds)
+                         + f" | {mean_swing:.2f} |")
+    lines.append("")
+    lines.append("swing: the standard deviation of the change in hole PSNR between successive evaluation points from "
+                 "the point before the first joint-phase one on, averaged over the hole kinds; lower is smoother.")
     return "\n".join(lines)
 
 
@@ -250,10 +313,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
     kinds = result["kinds"]
     fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.6), sharey=False)
     colours = {"mean": "tab:gray", "telea": "tab:orange", "biharmonic": "tab:green"}
+    styles = {"raw": ("-", "o"), "raw+post": ("-", "^"), "ema": ("--", "o"), "ema+post": ("--", "^")}
     for axis, kind in zip(axes, kinds):
-        for curve in result["curves"]:
-            axis.plot([p["train_s"] / 60 for p in curve["points"]],
-                      [p["figures"][kind]["hole_psnr"] for p in curve["points"]], marker="o", label=curve["network"])
+        for index, curve in enumerate(result["curves"]):
+            minutes = [p["train_s"] / 60 for p in curve["points"]]
+            for variant in curve["points"][0].get("variants", {"raw": None}):
+                values = [p.get("variants", {"raw": p["figures"]})[variant][kind]["hole_psnr"] for p in curve["points"]]
+                line, marker = styles.get(variant, ("-", "o"))
+                axis.plot(minutes, values, linestyle=line, marker=marker, markersize=4, color=("tab:blue", "tab:purple", "tab:red")[index % 3],
+                          label=f"{curve['network']} {variant}")
         for name, figs in result["baselines"].items():
             axis.axhline(figs[kind]["hole_psnr"], linestyle="--", color=colours.get(name), label=name)
         axis.set_title(kind)
@@ -296,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     (output / "quality.json").write_text(json.dumps(result, indent=2))
     plot(result, output / "quality.png")
     print(table(result))
+    print()
+    print(summary_table(result))
     print(f"wrote {output / 'quality.json'} and {output / 'quality.png'}")
     return 0
 

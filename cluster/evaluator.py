@@ -5,9 +5,11 @@ the path inference uses (:func:`inpaint.inference.load_generator_model`: fetch, 
 meta.json, build), draw the protocol's images from the dataset index, complete and score them
 (in this process, or in Ray tasks over disjoint slices of the drawn set when there are many
 images and several workers), then publish report.md, grid.png and per_image.csv, then
-metrics.json last: its presence marks the evaluation as done. Scalars also go to the run's
-TensorBoard under ``tensorboard/eval`` at the checkpoint's step. Watching a run for new
-checkpoints is :mod:`cluster.watcher`'s; where each file goes, :mod:`inpaint.run_folder`'s.
+metrics.json last: its presence marks the evaluation as done. A model is scored raw and
+post-processed (GLCIC's Poisson blending, what ``fill`` gives) on the same images and holes, with
+its averaged weights unless the request says ``weights="raw"``. Scalars also go to the run's
+TensorBoard at the checkpoint's step: ``tensorboard/eval`` (raw) and ``tensorboard/eval-postprocessed``.
+Watching a run for new checkpoints is :mod:`cluster.watcher`'s; where each file goes, :mod:`inpaint.run_folder`'s.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from inpaint import storage
 from inpaint.baselines import BaselineError
 from inpaint.config import Config, ConfigError, ModelConfig
 from inpaint.data import DataError, iter_split, load_index
-from inpaint.inference import Inpainter, InpaintError, load_generator_model
+from inpaint.inference import WEIGHTS, Inpainter, InpaintError, load_generator_model, postprocess
 from inpaint.masks import uncovered_evaluation_holes
 from inpaint.models import Generator
 from inpaint.run_folder import EVAL_EVENTS, EVALUATIONS, RunPaths, baseline_name, first_loadable, is_run_folder, \
@@ -64,6 +66,11 @@ class EvaluationRequest:
     ray_min_images: int = RAY_MIN_IMAGES
     batch_size: int = 16
     device: str = "auto"
+    weights: str = "ema"  # the averaged generator where the checkpoint has one, or "raw"
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHTS:
+            raise EvaluationError(f"weights: must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
 
 
 @dataclass
@@ -77,9 +84,12 @@ class EvaluationResult:
 
     def describe(self) -> str:
         lines = [self.headline()]
+        post = self.document.get("metrics_postprocessed") or {}
         for kind, figures in self.document["metrics"].items():
             lines.append(f"  {kind:<15} PSNR {figures['psnr']['mean']:6.2f} dB  SSIM {figures['ssim']['mean']:.3f}  "
-                         f"hole PSNR {figures['hole_psnr']['mean']:6.2f} dB")
+                         f"hole PSNR {figures['hole_psnr']['mean']:6.2f} dB"
+                         + (f"  post-processed: hole PSNR {post[kind]['hole_psnr']['mean']:6.2f} dB" if kind in post
+                            else ""))
         return "\n".join(lines)
 
 
@@ -97,17 +107,22 @@ class Subject:
             return ev.baseline_completer(baselines.get(self.info["baseline"]))
         return Inpainter(self.generator, self.config, device=device).complete
 
+    @property
+    def postprocessor(self) -> ev.Postprocessor | None:
+        """A model's completions are also scored post-processed; a baseline's are final."""
+        return postprocess if self.generator is not None else None
+
 
 # ------------------------------------------------------------------ loading
-def load_subject(checkpoint_url: str) -> Subject:
+def load_subject(checkpoint_url: str, weights: str = "ema") -> Subject:
     """Copy a checkpoint's generator, config and meta to a temporary folder, verify and load them.
 
     The weights are loaded into the generator its config describes, so that a checkpoint that
     verifies but does not load fails here (UnloadableCheckpoint), before any data is read.
     """
-    generator, contents = load_generator_model(checkpoint_url)
+    generator, contents = load_generator_model(checkpoint_url, weights)
     meta = contents.meta
-    info = {"checkpoint": checkpoint_url, "step": meta.get("step"),
+    info = {"checkpoint": checkpoint_url, "weights": meta["weights"], "step": meta.get("step"),
             "phase": meta.get("phase"), "samples_seen": meta.get("samples_seen"),
             "config_digest": meta.get("config_digest"), "recipe": contents.config.recipe}
     return Subject(info, contents.config.model, contents.config, generator)
@@ -147,7 +162,7 @@ def _read(protocol: ev.Protocol, part: list[tuple[int, tuple[int, str]]],
 def _evaluate_part(subject: Subject, protocol: ev.Protocol, part: list, request: EvaluationRequest) -> ev.Scores:
     """Score one slice of the drawn set (run in this process or as a Ray task)."""
     return ev.evaluate_samples(subject.completer(request.device), _read(protocol, part, request.storage_options),
-                               protocol, batch_size=request.batch_size)
+                               protocol, batch_size=request.batch_size, postprocess=subject.postprocessor)
 
 
 def _score(subject: Subject, protocol: ev.Protocol, drawn: list[tuple[int, str]],
@@ -158,7 +173,8 @@ def _score(subject: Subject, protocol: ev.Protocol, drawn: list[tuple[int, str]]
         with tqdm(total=len(numbered), desc="evaluate", unit="img") as bar:
             scores = ev.evaluate_samples(subject.completer(request.device),
                                          _read(protocol, numbered, request.storage_options),
-                                         protocol, batch_size=request.batch_size, progress=bar.update)
+                                         protocol, batch_size=request.batch_size, progress=bar.update,
+                                         postprocess=subject.postprocessor)
         return scores, 1
     return _score_with_ray(subject, protocol, numbered, request), request.workers
 
@@ -208,14 +224,19 @@ def publish(output: str, document: dict[str, Any], scores: ev.Scores) -> None:
 
 
 def log_to_tensorboard(run_url: str, document: dict[str, Any], folder: str = EVAL_EVENTS) -> None:
-    """Scalars into RUN/tensorboard/<folder> (written locally, then uploaded when the run is remote)."""
-    target = RunPaths.of(run_url).events(folder)
-    if not storage.is_remote(target):
-        ev.log_scalars(target, document)
-        return
-    with tempfile.TemporaryDirectory(prefix="inpaint-eval-tb-") as tmp:
-        ev.log_scalars(tmp, document)
-        storage.upload_dir(tmp, target)
+    """Scalars into RUN/tensorboard/<folder> (written locally, then uploaded when the run is remote); a
+    model's post-processed figures into <folder>-postprocessed, under the same tags."""
+    parts = [(folder, "metrics")]
+    if document.get("metrics_postprocessed"):
+        parts.append((f"{folder}-postprocessed", "metrics_postprocessed"))
+    for name, key in parts:
+        target = RunPaths.of(run_url).events(name)
+        if not storage.is_remote(target):
+            ev.log_scalars(target, document, key)
+            continue
+        with tempfile.TemporaryDirectory(prefix="inpaint-eval-tb-") as tmp:
+            ev.log_scalars(tmp, document, key)
+            storage.upload_dir(tmp, target)
 
 
 # ------------------------------------------------------------------ one evaluation
@@ -255,16 +276,23 @@ def evaluate_subject(subject: Subject, request: EvaluationRequest, output: str,
     return EvaluationResult(output, document)
 
 
-def resolve_subject(url: str) -> tuple[str, Subject]:
+def resolve_subject(url: str, weights: str = "ema") -> tuple[str, Subject]:
     """(checkpoint URL, loaded subject) of a checkpoint, or of a run folder's newest checkpoint that loads."""
-    return first_loadable(storage.normalize(url), load_subject)
+    return first_loadable(storage.normalize(url), lambda found: load_subject(found, weights))
+
+
+def _output_name(checkpoint_url: str, subject: Subject, request: EvaluationRequest) -> str:
+    """RUN/evaluations/<checkpoint>, or <checkpoint>-raw when the raw weights were asked for beside an
+    average (the default evaluation of the same checkpoint keeps its folder)."""
+    asked_raw = request.weights == "raw" and subject.config is not None and subject.config.model.ema_decay > 0
+    return storage.name(checkpoint_url) + ("-raw" if asked_raw else "")
 
 
 def evaluate_checkpoint(url: str, request: EvaluationRequest) -> EvaluationResult:
     """Evaluate one checkpoint (or a run folder's newest that loads) under the protocol."""
-    checkpoint_url, subject = resolve_subject(url)
+    checkpoint_url, subject = resolve_subject(url, request.weights)
     output = storage.normalize(request.output) if request.output else \
-        run_of_checkpoint(checkpoint_url).evaluation(storage.name(checkpoint_url))
+        run_of_checkpoint(checkpoint_url).evaluation(_output_name(checkpoint_url, subject, request))
     return evaluate_subject(subject, request, output)
 
 
@@ -294,7 +322,7 @@ class Comparison:
         documents = [self.model.document, *(result.document for result in self.baselines)]
         lines = [self.model.headline(), "",
                  "hole PSNR (dB), held-out images, same holes for every method:",
-                 *ev.comparison_table(documents), "", "whole-image PSNR (dB):",
+                 *ev.comparison_table(documents), ev.best_methods(documents), "", "whole-image PSNR (dB):",
                  *ev.comparison_table(documents, "psnr"), "", "whole-image SSIM:",
                  *ev.comparison_table(documents, "ssim", 3)]
         lines += [f"baseline {name} skipped: {why}" for name, why in self.skipped.items()]
@@ -317,11 +345,11 @@ def compare_with_baselines(url: str, request: EvaluationRequest,
     their scalars go to RUN/tensorboard/eval-baseline-<name> at the checkpoint's step, a flat
     line to read the model's eval curves against. A method that cannot run here is skipped.
     """
-    checkpoint_url, subject = resolve_subject(url)
+    checkpoint_url, subject = resolve_subject(url, request.weights)
     run = run_of_checkpoint(checkpoint_url)
     planned = _protocol(subject, request)
     protocol = planned[0]
-    model_output = run.evaluation(storage.name(checkpoint_url))
+    model_output = run.evaluation(_output_name(checkpoint_url, subject, request))
     finished = _baseline_done(model_output, protocol.to_dict())
     if finished is not None:
         # Re-running a finished run: its final evaluation (and the baselines beside it) stand as written.

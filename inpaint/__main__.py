@@ -47,9 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a rectangular hole in pixels (top-left x, y, width, height), for every image")
     fill.add_argument("--output", required=True, type=local_path,
                       help="output image file, or a folder (written as <name>.png) for a folder --image")
-    fill.add_argument("--blend", action="store_true",
-                      help="Poisson-blend the fill into its surroundings as GLCIC does (needs opencv: "
-                           "pip install 'inpaint[baseline]')")
+    fill.add_argument("--blend", action=argparse.BooleanOptionalAction, default=True,
+                      help="Poisson-blend the fill into its surroundings as GLCIC does (default; what evaluation "
+                           "reports as post-processed); --no-blend writes the network's raw output")
+    fill.add_argument("--weights", default="ema", choices=("ema", "raw"),
+                      help="the averaged generator (model.ema_decay; default) or the last trained weights; a "
+                           "checkpoint without an average uses its raw weights either way")
     fill.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
     fill.add_argument("--max-pixels", type=positive_int, default=None, metavar="N",
                       help="the largest window around a hole filled at once (default 4194304, 2048x2048: "
@@ -142,7 +145,7 @@ def fill(args: argparse.Namespace) -> None:
     if args.output.suffix.lower() in LOSSY_SUFFIXES and args.image.is_file():
         print(f"note: {args.output.suffix} re-encodes every pixel; write .png to keep known pixels exact",
               file=sys.stderr)
-    inpainter = Inpainter.from_checkpoint(args.checkpoint, device=args.device,
+    inpainter = Inpainter.from_checkpoint(args.checkpoint, device=args.device, weights=args.weights,
                                           **({"max_pixels": args.max_pixels} if args.max_pixels else {}))
     for image_path, mask_path, output_path in tqdm(jobs, desc="fill", unit="img", disable=len(jobs) == 1):
         image = image_array(read_image(image_path, "RGB"))

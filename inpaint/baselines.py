@@ -5,8 +5,8 @@ uint8 image whose known pixels are the input's, bit for bit.
 
 - ``mean``: every hole pixel set to the mean colour of the image's known pixels: the floor
   that any method must clear.
-- ``telea``: Telea's fast-marching method (OpenCV's ``cv2.inpaint``); OpenCV is the optional
-  extra ``inpaint[baseline]``.
+- ``telea``: Telea's fast-marching method (OpenCV's ``cv2.inpaint``; OpenCV is a runtime
+  dependency, also used by the post-processing in :func:`inpaint.inference.poisson_blend`).
 - ``biharmonic``: scikit-image's ``inpaint_biharmonic``, always available; ~0.05 s for a
   centre hole in a 160x160 image on one CPU core here.
 """
@@ -29,8 +29,8 @@ def require_cv2():
     try:
         import cv2
     except ImportError:
-        raise BaselineError("OpenCV is not installed; install it with: pip install 'inpaint[baseline]' "
-                            "(opencv-python-headless)") from None
+        raise BaselineError("OpenCV is not installed (a dependency of inpaint since fill post-processes "
+                            "with it); install it with: pip install opencv-python-headless") from None
     return cv2
 
 

@@ -3,6 +3,7 @@
 Layout of one checkpoint directory::
 
     generator.safetensors       generator weights (all inference needs)
+    generator_ema.safetensors   the generator's moving average (model.ema_decay > 0), what inference uses
     discriminator.safetensors   context discriminator weights
     trainer.pt                  optimizers, step, samples seen, RNG, data position
     config.json                 the resolved config the run was trained with
@@ -37,6 +38,7 @@ from inpaint.config import Config, ConfigError
 META_FILE = "meta.json"
 CONFIG_FILE = "config.json"
 GENERATOR_FILE = "generator.safetensors"
+EMA_FILE = "generator_ema.safetensors"  # absent from checkpoints trained without model.ema_decay
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 TRAINER_FILE = "trainer.pt"
 FORMAT_VERSION = 1
@@ -68,6 +70,7 @@ class CheckpointContents:
     generator: dict[str, torch.Tensor]
     discriminator: dict[str, torch.Tensor] | None
     trainer: dict[str, Any] | None
+    generator_ema: dict[str, torch.Tensor] | None = None
 
 
 def _sha256(path: Path) -> str:
@@ -97,6 +100,7 @@ def save_checkpoint(
     discriminator: dict[str, torch.Tensor] | None,
     trainer: dict[str, Any] | None,
     meta: dict[str, Any],
+    generator_ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint into ``directory`` (created if needed); ``meta.json`` goes last."""
     for label, state in (("generator", generator), ("discriminator", discriminator or {})):
@@ -110,6 +114,9 @@ def save_checkpoint(
     (out / META_FILE).unlink(missing_ok=True)  # a rewrite is incomplete until its new meta lands
     save_file(_contiguous_cpu(generator), str(out / GENERATOR_FILE))
     files = [GENERATOR_FILE]
+    if generator_ema is not None:
+        save_file(_contiguous_cpu(generator_ema), str(out / EMA_FILE))
+        files.append(EMA_FILE)
     if discriminator is not None:
         save_file(_contiguous_cpu(discriminator), str(out / DISCRIMINATOR_FILE))
         files.append(DISCRIMINATOR_FILE)
@@ -208,6 +215,11 @@ def verify_checkpoint(directory: str | os.PathLike, *, checksums: bool = True,
     return meta
 
 
+def inference_files(meta: dict[str, Any]) -> tuple[str, ...]:
+    """What inference reads of a checkpoint with this meta.json: INFERENCE_FILES and the average, if any."""
+    return (*INFERENCE_FILES, *((EMA_FILE,) if EMA_FILE in meta.get("files", {}) else ()))
+
+
 def is_complete(directory: str | os.PathLike) -> bool:
     try:
         verify_checkpoint(directory, checksums=False)
@@ -217,8 +229,8 @@ def is_complete(directory: str | os.PathLike) -> bool:
 
 
 def load_checkpoint(directory: str | os.PathLike, *, weights_only: bool = False) -> CheckpointContents:
-    """Load a verified checkpoint; ``weights_only`` reads (and needs) only the generator and config."""
-    meta = verify_checkpoint(directory, files=INFERENCE_FILES if weights_only else None)
+    """Load a verified checkpoint; ``weights_only`` reads (and needs) only the generator(s) and config."""
+    meta = verify_checkpoint(directory, files=inference_files(read_meta(directory)) if weights_only else None)
     root = Path(directory)
     # From here on the files are the ones meta.json records: a failure is UnloadableCheckpoint.
     try:
@@ -233,6 +245,7 @@ def load_checkpoint(directory: str | os.PathLike, *, weights_only: bool = False)
             raise UnloadableCheckpoint(f"{root / name}: unreadable weights ({_one_line(exc)})") from None
 
     generator = weights(GENERATOR_FILE)
+    generator_ema = weights(EMA_FILE) if EMA_FILE in meta.get("files", {}) else None
     discriminator = trainer = None
     if not weights_only:
         if (root / DISCRIMINATOR_FILE).is_file():
@@ -246,4 +259,4 @@ def load_checkpoint(directory: str | os.PathLike, *, weights_only: bool = False)
             if not isinstance(trainer, dict):
                 raise UnloadableCheckpoint(f"{root / TRAINER_FILE}: not a trainer state")
     return CheckpointContents(config=config, meta=meta, generator=generator,
-                              discriminator=discriminator, trainer=trainer)
+                              discriminator=discriminator, trainer=trainer, generator_ema=generator_ema)

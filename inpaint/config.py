@@ -54,6 +54,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "loss.cx_band_width": (0, 1e6), "loss.cx_eps": (0, 1), "loss.cx_chunk": (0, 65536),
     "mask.freeform_strokes": (1, 1000),
     "optim.g_lr": (0, 1), "optim.d_lr": (0, 1), "optim.weight_decay": (0, 1), "optim.grad_clip": (0, 1e9),
+    "optim.warmup_steps": _STEPS_RANGE, "optim.min_lr_ratio": (0, 1),
+    "model.ema_decay": (0, 1),
     "schedule.generator_steps": _STEPS_RANGE, "schedule.discriminator_steps": _STEPS_RANGE,
     "schedule.joint_steps": _STEPS_RANGE, "schedule.reference_batch": (1, 65536),
     "data.batch_size": (1, 65536), "data.num_workers": (0, 256), "data.seed": _SEED_RANGE,
@@ -83,6 +85,7 @@ BLOCK_KINDS = ("se_res", "res", "conv")
 # glcic_places2: the same with the sixth global conv of Iizuka et al.'s paper (GLCIC-PyTorch's --arc places2).
 ARCHS = ("paper", "glcic", "glcic_places2")
 OPTIMIZERS = ("adam", "adadelta")
+LR_DECAYS = ("constant", "linear", "cosine")
 MASK_KINDS = ("random", "center", "freeform", "mixed")
 REC_MASKINGS = ("full", "hole", "weighted")
 ADV_DISC_BN = ("train", "eval", "mixed")
@@ -109,8 +112,12 @@ class ModelConfig:
     # and does not state their stride: 1 reads it as keeping the size too (README, "Discriminator
     # stride"); 2 halves the size in every layer, as GLCIC does (arch=glcic* needs 2).
     disc_tail_stride: int = 1
+    # Decay of the generator's exponential moving average (an averaged copy used by evaluation and
+    # inference); 0 = off. Its half-life is ln 0.5 / ln(decay) generator steps (0.999: 693).
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
+        _check(0 <= self.ema_decay < 1, "model.ema_decay", f"must be in [0, 1), got {self.ema_decay!r}")
         self.dilations = tuple(int(d) for d in self.dilations)
         _one_of(self.arch, ARCHS, "model.arch")
         _check(self.disc_tail_stride in (1, 2), "model.disc_tail_stride",
@@ -209,11 +216,20 @@ class OptimConfig:
     # A step whose loss or gradients are not finite is skipped; this many skipped in a row (of one
     # network's steps) stop the run, naming the loss term: training has diverged.
     max_nonfinite_steps: int = 10
+    # The learning rate within each phase (inpaint.phases.lr_factor): a linear warm-up over its first
+    # warmup_steps (counted like the phase lengths), then constant, or a linear or cosine decay to
+    # min_lr_ratio x the rate at the phase's end. Each phase starts its own warm-up and decay.
+    warmup_steps: int = 0
+    decay: str = "constant"  # constant, linear or cosine
+    min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         _one_of(self.name, OPTIMIZERS, "optim.name")
         _check(self.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps",
                f"must be >= 1, got {self.max_nonfinite_steps}")
+        _one_of(self.decay, LR_DECAYS, "optim.decay")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio!r}")
         _check(self.g_lr > 0, "optim.g_lr", f"must be > 0, got {self.g_lr}")
         _check(self.d_lr > 0, "optim.d_lr", f"must be > 0, got {self.d_lr}")
         _check(0 <= self.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {self.beta1}")

@@ -8,6 +8,10 @@ are comparable across checkpoints and runs. Completions are quantized to uint8 b
 PSNR and SSIM over the whole image (the paper's numbers), PSNR over the hole, L1 over the
 whole image and over the hole; each is reported as mean, population standard deviation and count.
 
+A model is scored twice on the same images and holes: its raw completion (``metrics``) and the
+completion users get from ``fill``, post-processed as GLCIC does (``metrics_postprocessed``:
+:func:`inpaint.inference.poisson_blend`). Classical baselines are scored once.
+
 Everything here runs in one process on local folders; ``cluster/evaluation.py`` spreads
 :func:`evaluate_samples` over Ray workers and moves the files to and from storage.
 """
@@ -31,6 +35,7 @@ from inpaint.masks import EVALUATION_MASK_KINDS, evaluation_masks, hole_bbox
 
 FORMAT_VERSION = 1
 METRICS = ("psnr", "ssim", "hole_psnr", "l1", "hole_l1")
+POST = "post_"  # per-image columns of the post-processed completion: post_psnr, post_hole_psnr, ...
 MAX_PSNR_DB = 100.0  # identical images have infinite PSNR; cap so means and JSON stay finite
 GRID_IMAGES = 16  # the first images of the drawn set, the same ones in every evaluation
 GRID_KIND = "center_1/4"
@@ -43,6 +48,8 @@ PAPER_CELEBA = (("GLCIC (Iizuka et al. 2017), as reported by the paper", 30.18, 
 # (uint8 images (B, 3, S, S), masks (B, 1, S, S) with 1 = known) -> completed uint8 images.
 Completer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Sample = tuple[int, str, torch.Tensor]  # (position in the drawn set, key, uint8 (3, S, S))
+# (uint8 images, masks, uint8 completions) -> post-processed uint8 completions.
+Postprocessor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -89,10 +96,13 @@ def draw_positions(split_size: int, count: int | None, seed: int) -> list[int]:
 
 @dataclass
 class Scores:
-    """Per-image figures (one row per image and hole kind) and the grid images of one part."""
+    """Per-image figures (one row per image and hole kind) and the grid images of one part.
+
+    A grid row is (masked, completed, original), or for a post-processed model (masked, raw,
+    post-processed, biharmonic, original)."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
-    grid: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    grid: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
     def merge(self, other: "Scores") -> "Scores":
         return Scores(self.rows + other.rows, {**self.grid, **other.grid})
@@ -122,8 +132,15 @@ def _batches(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
 
 
 def evaluate_samples(complete: Completer, samples: Iterable[Sample], protocol: Protocol, *,
-                     batch_size: int = 16, progress: Callable[[int], None] | None = None) -> Scores:
-    """Complete and score every sample with every hole kind of the protocol."""
+                     batch_size: int = 16, progress: Callable[[int], None] | None = None,
+                     postprocess: Postprocessor | None = None) -> Scores:
+    """Complete and score every sample with every hole kind of the protocol.
+
+    With ``postprocess`` every completion is also post-processed and scored (``post_*`` columns),
+    and the grid shows biharmonic inpainting of the same holes beside the two.
+    """
+    from inpaint.baselines import biharmonic
+
     scores = Scores()
     for batch in _batches(samples, batch_size):
         positions = [position for position, _, _ in batch]
@@ -132,14 +149,23 @@ def evaluate_samples(complete: Completer, samples: Iterable[Sample], protocol: P
             masks = protocol.masks(kind, positions)
             completed = complete(images, masks).cpu()
             figures = {name: values.tolist() for name, values in score(completed, images, masks).items()}
+            post = None
+            if postprocess is not None:
+                post = postprocess(images, masks, completed).cpu()
+                figures.update({POST + name: values.tolist() for name, values in score(post, images, masks).items()})
             for i, (position, key, _) in enumerate(batch):
                 top, left, bottom, right = hole_bbox(masks[i])
                 scores.rows.append({"kind": kind, "position": position, "key": key,
                                     "hole": f"{top},{left},{bottom - top},{right - left}",
-                                    **{name: figures[name][i] for name in METRICS}})
+                                    **{name: values[i] for name, values in figures.items()}})
                 if kind == GRID_KIND and position < GRID_IMAGES:
                     masked = torch.where(masks[i] >= 0.5, images[i], 255).to(torch.uint8)  # white hole
-                    scores.grid[position] = (masked, completed[i], images[i])
+                    if post is None:
+                        scores.grid[position] = (masked, completed[i], images[i])
+                    else:
+                        reference = biharmonic(images[i].permute(1, 2, 0).numpy(), masks[i, 0].numpy() < 0.5)
+                        scores.grid[position] = (masked, completed[i], post[i],
+                                                 torch.from_numpy(reference).permute(2, 0, 1), images[i])
         if progress is not None:
             progress(len(batch))
     return scores
@@ -155,14 +181,16 @@ def baseline_completer(fill: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> 
     return complete
 
 
-def summarize(rows: list[dict[str, Any]], kinds: Iterable[str]) -> dict[str, dict[str, dict[str, float]]]:
-    """{kind: {metric: {mean, std, count}}} over the per-image rows (at least one per kind)."""
+def summarize(rows: list[dict[str, Any]], kinds: Iterable[str],
+              prefix: str = "") -> dict[str, dict[str, dict[str, float]]]:
+    """{kind: {metric: {mean, std, count}}} over the per-image rows (at least one per kind); ``prefix``
+    POST summarises the post-processed columns."""
     summary = {}
     for kind in kinds:
         selected = [row for row in rows if row["kind"] == kind]
         summary[kind] = {}
         for name in METRICS:
-            values = np.array([row[name] for row in selected], dtype=np.float64)
+            values = np.array([row[prefix + name] for row in selected], dtype=np.float64)
             summary[kind][name] = {"mean": float(values.mean()), "std": float(values.std()),
                                    "count": int(len(values))}
     return summary
@@ -170,13 +198,18 @@ def summarize(rows: list[dict[str, Any]], kinds: Iterable[str]) -> dict[str, dic
 
 def metrics_document(subject: dict[str, Any], protocol: Protocol, scores: Scores, *, elapsed_s: float,
                      workers: int) -> dict[str, Any]:
-    """The content of metrics.json: what was evaluated, how, and every figure."""
+    """The content of metrics.json: what was evaluated, how, and every figure (raw and post-processed)."""
+    from inpaint.inference import POSTPROCESSING
+
+    post = bool(scores.rows) and POST + METRICS[0] in scores.rows[0]
     return {
         "format": FORMAT_VERSION,
         "checkpoint": None, "baseline": None, "step": None, "phase": None, "config_digest": None,
         **subject,
         "protocol": protocol.to_dict(),
         "metrics": summarize(scores.rows, protocol.kinds),
+        "metrics_postprocessed": summarize(scores.rows, protocol.kinds, POST) if post else None,
+        "postprocessing": POSTPROCESSING if post else None,
         "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "elapsed_s": round(elapsed_s, 3),
         "images_per_s": round(protocol.count / elapsed_s, 3) if elapsed_s > 0 else None,
@@ -187,28 +220,56 @@ def metrics_document(subject: dict[str, Any], protocol: Protocol, scores: Scores
 def _label(document: dict[str, Any]) -> str:
     if document.get("baseline"):
         return f"baseline {document['baseline']}"
-    return f"step {document.get('step')}"
+    return f"step {document.get('step')}" + (", raw weights" if document.get("weights") == "raw" else "")
 
 
 def _fmt(summary: dict[str, float], digits: int) -> str:
     return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
 
 
-def _row_label(document: dict[str, Any]) -> str:
-    if document.get("baseline"):
-        return f"{document['baseline']} (classical)"
-    return f"model, step {document.get('step')}"
+def _model_label(document: dict[str, Any]) -> str:
+    weights = {"ema": "averaged", "raw": "raw weights"}.get(document.get("weights"))
+    return f"model{f' ({weights})' if weights else ''}, step {document.get('step')}"
+
+
+def method_rows(documents: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(row label, {kind: {metric: summary}}) per method: a model gives its raw and its post-processed
+    row, a classical baseline one."""
+    rows = []
+    for document in documents:
+        if document.get("baseline"):
+            rows.append((f"{document['baseline']} (classical)", document.get("metrics", {})))
+            continue
+        rows.append((f"{_model_label(document)}, raw", document.get("metrics", {})))
+        if document.get("metrics_postprocessed"):
+            rows.append((f"{_model_label(document)}, post-processed", document["metrics_postprocessed"]))
+    return rows
 
 
 def comparison_table(documents: list[dict[str, Any]], metric: str = "hole_psnr", digits: int = 2) -> list[str]:
-    """Markdown rows: one per evaluation (model first), one column per hole kind of the first, ``metric`` means."""
+    """Markdown rows: one per method (models first, raw and post-processed), one column per hole kind of the
+    first document, ``metric`` means."""
     kinds = documents[0]["protocol"]["kinds"]
     lines = ["| method | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
-    for entry in documents:
-        cells = [f"{entry['metrics'][kind][metric]['mean']:.{digits}f}" if kind in entry.get("metrics", {}) else "-"
-                 for kind in kinds]
-        lines.append(f"| {_row_label(entry)} | " + " | ".join(cells) + " |")
+    for label, figures in method_rows(documents):
+        cells = [f"{figures[kind][metric]['mean']:.{digits}f}" if kind in figures else "-" for kind in kinds]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
+
+
+def best_methods(documents: list[dict[str, Any]], metric: str = "hole_psnr") -> str:
+    """One sentence: which method has the highest ``metric`` on which holes (ties go to the first listed)."""
+    kinds = documents[0]["protocol"]["kinds"]
+    rows = method_rows(documents)
+    winners: dict[str, list[str]] = {}
+    for kind in kinds:
+        scored = [(figures[kind][metric]["mean"], -order, label) for order, (label, figures) in enumerate(rows)
+                  if kind in figures]
+        if scored:
+            winners.setdefault(max(scored)[2], []).append(kind)
+    parts = [f"{label.removesuffix(' (classical)')} on {', '.join(found)}" for label, found in winners.items()]
+    name = {"hole_psnr": "hole PSNR", "psnr": "PSNR", "ssim": "SSIM"}.get(metric, metric)
+    return f"Best {name}: " + "; ".join(parts) + "."
 
 
 def beside_classical(document: dict[str, Any], previous: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -230,18 +291,27 @@ def render_report(document: dict[str, Any], previous: list[dict[str, Any]]) -> s
         title = f"Evaluation at step {document['step']} ({document['phase']} phase)"
         origin = f"checkpoint `{document['checkpoint']}` · recipe {document.get('recipe')} · " \
                  f"config {document['config_digest']}"
+    post = document.get("metrics_postprocessed")
     lines = [f"# {title}", "", origin, "",
              f"{protocol['count']} images of split `{protocol['split']}` of `{protocol['data']}`, drawn with seed "
              f"{protocol['seed']}, centre-cropped to {protocol['image_size']} px; holes: {', '.join(kinds)} "
              "(center_1/4, center_1/3: a centred square of 1/4 or 1/3 of the image area; center_side_1/4, "
              "center_side_1/3: of 1/4 or 1/3 of its side; random: a rectangle with sides 1/4 to 1/2 of the image, "
-             "fixed per image by the seed). Completions are quantized to 8 bits before scoring.", "",
-             "| holes | PSNR (dB) | SSIM | hole PSNR (dB) | L1 | hole L1 | images |",
-             "|---|---|---|---|---|---|---|"]
-    for kind in kinds:
-        m = document["metrics"][kind]
-        lines.append(f"| {kind} | {_fmt(m['psnr'], 2)} | {_fmt(m['ssim'], 3)} | {_fmt(m['hole_psnr'], 2)} | "
-                     f"{_fmt(m['l1'], 4)} | {_fmt(m['hole_l1'], 4)} | {m['psnr']['count']} |")
+             "fixed per image by the seed). Completions are quantized to 8 bits before scoring.", ""]
+    if post:
+        lines += [f"Weights: {document.get('weights') or 'raw'}. Each completion is scored as the network gives "
+                  f"it (raw) and post-processed as GLCIC does and `fill` does by default: "
+                  f"{document.get('postprocessing')}.", ""]
+    header = ["| holes | PSNR (dB) | SSIM | hole PSNR (dB) | L1 | hole L1 | images |", "|---|---|---|---|---|---|---|"]
+    for caption, figures in ((("Raw:" if post else None), document["metrics"]), ("Post-processed:", post)):
+        if figures is None:
+            continue
+        lines += ([caption, ""] if caption else []) + header
+        for kind in kinds:
+            m = figures[kind]
+            lines.append(f"| {kind} | {_fmt(m['psnr'], 2)} | {_fmt(m['ssim'], 3)} | {_fmt(m['hole_psnr'], 2)} | "
+                         f"{_fmt(m['l1'], 4)} | {_fmt(m['hole_l1'], 4)} | {m['psnr']['count']} |")
+        lines.append("")
     if document.get("untrained_holes"):
         lines += ["", f"**Warning:** training drew no hole as large as {', '.join(document['untrained_holes'])} "
                   "(mask.max_side); figures for those kinds measure extrapolation.", ""]
@@ -251,6 +321,7 @@ def render_report(document: dict[str, Any], previous: list[dict[str, Any]]) -> s
                   "Hole PSNR (dB), over the hole pixels only: what the model adds over filling the hole "
                   "with the known pixels' mean colour, OpenCV's Telea and scikit-image's biharmonic inpainting.", ""]
         lines += comparison_table(compared)
+        lines += ["", best_methods(compared)]
         lines += ["", "Whole-image SSIM:", ""] + comparison_table(compared, "ssim", 3)
     lines += ["", "## Beside the paper", "",
               "The paper reports CelebA at 160x160 (hole setting: paper, protocol as stated there); "
@@ -275,15 +346,18 @@ def render_report(document: dict[str, Any], previous: list[dict[str, Any]]) -> s
                  if kind in entry.get("metrics", {}) else "-" for kind in kinds]
         marker = " (this)" if entry is document else ""
         lines.append(f"| {_label(entry)}{marker} | {entry.get('phase') or '-'} | " + " | ".join(cells) + " |")
+    columns = "masked | raw | post-processed | biharmonic | original" if post else "masked | completed | original"
     lines += ["", f"## The first {GRID_IMAGES} images, {GRID_KIND} hole", "",
-              f"![masked | completed | original]({GRID_FILE})", ""]
+              f"![{columns}]({GRID_FILE})", ""]
     return "\n".join(lines)
 
 
 def grid_image(scores: Scores) -> torch.Tensor:
-    """uint8 (3, H, W) grid, one row per image: masked | completed | original."""
-    triplets = [tile for position in sorted(scores.grid) for tile in scores.grid[position]]
-    return make_grid(torch.stack(triplets), nrow=3, padding=2, pad_value=255)
+    """uint8 (3, H, W) grid, one row per image: masked | completed | original, or for a post-processed
+    model masked | raw | post-processed | biharmonic | original."""
+    rows = [scores.grid[position] for position in sorted(scores.grid)]
+    return make_grid(torch.stack([tile for row in rows for tile in row]), nrow=len(rows[0]), padding=2,
+                     pad_value=255)
 
 
 def write_outputs(directory: str | Path, document: dict[str, Any], scores: Scores,
@@ -297,7 +371,8 @@ def write_outputs(directory: str | Path, document: dict[str, Any], scores: Score
     if scores.grid:
         Image.fromarray(grid_image(scores).permute(1, 2, 0).numpy()).save(out / GRID_FILE)
     with open(out / PER_IMAGE_FILE, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["kind", "position", "key", "hole", *METRICS])
+        post = [POST + name for name in METRICS] if scores.rows and POST + METRICS[0] in scores.rows[0] else []
+        writer = csv.DictWriter(f, fieldnames=["kind", "position", "key", "hole", *METRICS, *post])
         writer.writeheader()
         writer.writerows(sorted(scores.rows, key=lambda row: (row["kind"], row["position"])))
 
@@ -306,11 +381,13 @@ def metrics_json(document: dict[str, Any]) -> str:
     return json.dumps(document, indent=2, sort_keys=True)
 
 
-def log_scalars(log_dir: str | Path, document: dict[str, Any]) -> None:
-    """eval/<kind>/<metric> means into a TensorBoard folder, at the checkpoint's step."""
+def log_scalars(log_dir: str | Path, document: dict[str, Any], key: str = "metrics") -> None:
+    """eval/<kind>/<metric> means of ``document[key]`` (``metrics`` or ``metrics_postprocessed``) into a
+    TensorBoard folder, at the checkpoint's step: the same tags in every folder, so that TensorBoard
+    draws the raw model, the post-processed model and each baseline as runs of one chart."""
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(log_dir=str(log_dir)) as writer:
-        for kind, figures in document["metrics"].items():
+        for kind, figures in document[key].items():
             for name, summary in figures.items():
                 writer.add_scalar(f"eval/{kind}/{name}", summary["mean"], document["step"])

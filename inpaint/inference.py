@@ -17,8 +17,14 @@ small hole in a 6000 x 6000 photo costs what a 160 px crop costs. Memory grows w
 window's area (the paper's generator holds 64 channels at full resolution: measured 1.0 GiB
 of activations for a 1024 x 1024 window in fp32 on CPU, 21 s on 2 AMD EPYC cores), so a window over ``max_pixels`` (MAX_FILL_PIXELS, 4 MP, by default) is refused
 with an InpaintError; raise it, or split a mask with far-apart holes into several fills.
-``blend=True`` adds GLCIC's post-processing: Poisson blending (OpenCV's ``seamlessClone``) of
-the completed hole into a Telea-filled copy of the image, which hides colour seams.
+By default (``blend=True``) the fill gets GLCIC's post-processing, as evaluation measures it
+(:func:`poisson_blend`): the completed hole is Poisson-blended (OpenCV's ``seamlessClone``,
+NORMAL_CLONE) into a Telea-filled copy of the image, which matches the fill's colour to its
+surroundings and hides the seam; ``blend=False`` returns the network's own output.
+
+A checkpoint trained with ``model.ema_decay`` holds an averaged generator beside the trained
+one: ``weights="ema"`` (the default) uses it, ``weights="raw"`` the last trained weights; a
+checkpoint without an average falls back to its raw weights and says so in the log.
 
 Checkpoints load without unpickling anything (safetensors and JSON). A URL may be local or any
 fsspec URL (``s3://...``); of a remote checkpoint only meta.json, config.json and the generator
@@ -27,6 +33,8 @@ are copied, to a temporary folder, and the generator is checked against meta.jso
 
 from __future__ import annotations
 
+import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -47,7 +55,10 @@ MULTIPLE = 4  # the generator downsamples twice
 MAX_FILL_PIXELS = 2048 * 2048  # the largest window filled at once by default (see the module doc)
 MASK_THRESHOLD = 128  # grey level from which a PIL / PNG mask pixel counts as hole
 BLEND_DILATION = 3  # px of known pixels around the hole that anchor the Poisson solve
-INFERENCE_FILES = (ckpt.META_FILE, *ckpt.INFERENCE_FILES)
+WEIGHTS = ("ema", "raw")  # the averaged generator (model.ema_decay), or the last trained weights
+POSTPROCESSING = "Poisson blending (OpenCV seamlessClone, NORMAL_CLONE) into a Telea-filled copy"
+
+log = logging.getLogger(__name__)
 
 
 class InpaintError(ValueError):
@@ -57,12 +68,17 @@ class InpaintError(ValueError):
 def fetch_checkpoint(url: str, directory: str | Path) -> Path:
     """A local folder holding what inference needs of the checkpoint at ``url`` (itself when local).
 
-    Only meta.json, config.json and the generator are copied: the discriminator and the
+    Only meta.json, config.json and the generator(s) are copied: the discriminator and the
     optimizer state are ~95% of a paper-size checkpoint (~2 GB) and inference never reads them.
     """
     if not storage.is_remote(url):
         return Path(url.removeprefix("file://"))
-    for name in INFERENCE_FILES:
+    storage.get_file(storage.join(url, ckpt.META_FILE), Path(directory) / ckpt.META_FILE)
+    try:
+        meta = ckpt.check_meta_shape(json.loads((Path(directory) / ckpt.META_FILE).read_text()), url)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        meta = {}  # the load below reports the unreadable meta.json in its own words
+    for name in ckpt.inference_files(meta):
         storage.get_file(storage.join(url, name), Path(directory) / name)
     return Path(directory)
 
@@ -72,8 +88,11 @@ def load_generator(directory: str | Path) -> ckpt.CheckpointContents:
     return ckpt.load_checkpoint(directory, weights_only=True)
 
 
-def load_generator_model(url: str) -> tuple[Generator, ckpt.CheckpointContents]:
+def load_generator_model(url: str, weights: str = "ema") -> tuple[Generator, ckpt.CheckpointContents]:
     """The built generator and the contents of the checkpoint at ``url``, or a CheckpointError.
+
+    ``weights``: "ema" loads the averaged generator where the checkpoint holds one (else its raw
+    weights, with a log line), "raw" the last trained weights; ``contents.meta["weights"]`` says which.
 
     Weights that do not fit the network the checkpoint's config describes (a config edited to
     another width, weights of another model) raise UnloadableCheckpoint, not a size-mismatch error.
@@ -84,9 +103,18 @@ def load_generator_model(url: str) -> tuple[Generator, ckpt.CheckpointContents]:
         except storage.MissingObject:
             raise ckpt.CheckpointError(f"{url}: incomplete or deleted checkpoint") from None
         contents = load_generator(local)
+    if weights not in WEIGHTS:
+        raise InpaintError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    state = contents.generator
+    if weights == "ema" and contents.generator_ema is None:
+        log.info("%s holds no averaged generator (trained without model.ema_decay); using its raw weights", url)
+        weights = "raw"
+    elif weights == "ema":
+        state = contents.generator_ema
+    contents.meta = {**contents.meta, "weights": weights}
     try:
         generator = build_generator(contents.config.model)
-        generator.load_state_dict(contents.generator)
+        generator.load_state_dict(state)
     except Exception as exc:  # size mismatch, missing keys, a model the config cannot build
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise ckpt.UnloadableCheckpoint(f"{url}: weights do not fit the model of its config.json ({reason})") from None
@@ -158,7 +186,14 @@ def context_window(hole: np.ndarray, image_size: int) -> tuple[slice, slice]:
 
 
 def poisson_blend(image: np.ndarray, completed: np.ndarray, hole: np.ndarray) -> np.ndarray:
-    """GLCIC's seam fix: the completed hole Poisson-blended into a Telea-filled copy of ``image``."""
+    """GLCIC's post-processing: the completed hole Poisson-blended into a Telea-filled copy of ``image``.
+
+    GLCIC blends with "fast marching followed by Poisson image blending"; here OpenCV's
+    ``seamlessClone`` in NORMAL_CLONE mode keeps the fill's own gradients (its structure) and takes
+    its level from the boundary, so a fill a shade off its surroundings' colour is shifted to match
+    them. MIXED_CLONE would keep the stronger of the two gradients per pixel, and the Telea fill's
+    smooth gradients would win nowhere useful while the fill's noise would stay.
+    """
     from inpaint.baselines import require_cv2, telea
 
     cv2 = require_cv2()
@@ -169,6 +204,13 @@ def poisson_blend(image: np.ndarray, completed: np.ndarray, hole: np.ndarray) ->
     blended = cv2.seamlessClone(np.ascontiguousarray(completed), telea(image, hole), region,
                                 (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)
     return np.where(hole[..., None], blended, image)
+
+
+def postprocess(images: torch.Tensor, masks: torch.Tensor, completed: torch.Tensor) -> torch.Tensor:
+    """:func:`poisson_blend` of a batch: uint8 images, masks (B, 1, H, W) with 1 = known, and completions."""
+    out = [poisson_blend(image.permute(1, 2, 0).numpy(), done.permute(1, 2, 0).numpy(), mask[0].numpy() < 0.5)
+           for image, mask, done in zip(images.cpu(), masks.cpu(), completed.cpu())]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
 
 
 class Inpainter:
@@ -186,11 +228,16 @@ class Inpainter:
 
     @classmethod
     def from_checkpoint(cls, url: str, device: str | torch.device = "cpu",
-                        max_pixels: int = MAX_FILL_PIXELS) -> "Inpainter":
-        """Load the generator of a checkpoint folder, or of a run folder's newest checkpoint that loads."""
+                        max_pixels: int = MAX_FILL_PIXELS, weights: str = "ema") -> "Inpainter":
+        """Load the generator of a checkpoint folder, or of a run folder's newest checkpoint that loads.
+
+        ``weights``: "ema" (the averaged generator, when the checkpoint has one) or "raw".
+        """
         _device(device)  # a wrong device is the user's mistake, not the checkpoint's
+        if weights not in WEIGHTS:
+            raise InpaintError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
         try:
-            _, (generator, contents) = first_loadable(url, load_generator_model)
+            _, (generator, contents) = first_loadable(url, lambda found: load_generator_model(found, weights))
         except storage.StorageError as exc:  # unreachable storage, bad credentials, no such bucket
             raise ckpt.CheckpointError(f"{url}: cannot read the checkpoint ({exc})") from None
         return cls(generator, contents.config, device=device, meta=contents.meta, max_pixels=max_pixels)
@@ -204,13 +251,13 @@ class Inpainter:
         return torch.where(known, images, prediction)
 
     def fill(self, image: Image.Image | np.ndarray, mask: Image.Image | np.ndarray, *,
-             blend: bool = False) -> Image.Image | np.ndarray:
+             blend: bool = True) -> Image.Image | np.ndarray:
         """``image`` with its hole filled, as the same type (PIL or uint8 array); see the module doc."""
         array = image_array(image)
         filled = self.fill_array(array, hole_array(mask, array.shape[:2]), blend=blend)
         return Image.fromarray(filled) if isinstance(image, Image.Image) else filled
 
-    def fill_array(self, image: np.ndarray, hole: np.ndarray, *, blend: bool = False) -> np.ndarray:
+    def fill_array(self, image: np.ndarray, hole: np.ndarray, *, blend: bool = True) -> np.ndarray:
         """uint8 (H, W, 3) image with the bool (H, W) hole filled; known pixels untouched."""
         rows, cols = context_window(hole, self.config.model.image_size)
         height, width = rows.stop - rows.start, cols.stop - cols.start

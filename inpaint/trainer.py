@@ -33,6 +33,7 @@ from torch.profiler import record_function
 
 from inpaint import checkpoint as ckpt
 from inpaint.config import Config
+from inpaint.ema import GeneratorEMA
 from inpaint.hardware import default_bf16, default_channels_last, resolve_device
 from inpaint.losses import (
     contextual_loss,
@@ -41,7 +42,7 @@ from inpaint.losses import (
     reconstruction_loss,
 )
 from inpaint.models import build_discriminator, build_generator, composite, crop_local
-from inpaint.phases import Phase, PhaseSchedule
+from inpaint.phases import Phase, PhaseSchedule, lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,9 @@ class Trainer:
         self.d_optimizer = _optimizer(self.discriminator.parameters(), config.optim.d_lr, config, self.device)
         self.step = 0
         self.samples_seen = 0
+        # The averaged generator (model.ema_decay), built from the plain network before any wrapping.
+        self.ema = GeneratorEMA(self.generator, config.model.ema_decay) if config.model.ema_decay > 0 else None
+        self._set_learning_rates()
         torch.manual_seed(config.runtime.seed + 1 + rank)  # per-rank randomness from here on
 
     # ----------------------------------------------------------------- wiring
@@ -265,6 +269,7 @@ class Trainer:
 
         self.step += 1
         self.samples_seen += image.shape[0] * self.world_size
+        self._after_step(phase)
         return {f"loss/{phase.value}/{k}" if not k.startswith("d_prob") else f"disc/{phase.value}/{k}": v
                 for k, v in metrics.items()}
 
@@ -338,6 +343,23 @@ class Trainer:
                 for name in loss_cfg.cx_layers
             ]
         return torch.stack(per_layer).mean()
+
+    def _after_step(self, phase: Phase) -> None:
+        """Average the generator after its optimizer step; set the learning rates of the next step."""
+        if self.ema is not None and phase.trains_generator:
+            self.ema.update(_unwrap(self.generator))
+        self._set_learning_rates()
+
+    def _set_learning_rates(self) -> None:
+        """Each optimizer's rate for the next step: its base rate x the phase's schedule (optim.warmup_steps,
+        optim.decay), computed from (step, samples seen) alone, so a resumed run continues it exactly."""
+        phase, done, length = self.schedule.progress(self.step, self.samples_seen)
+        if phase is Phase.DONE:
+            return
+        factor = lr_factor(self.config.optim, done, length)
+        for optimizer, base in ((self.g_optimizer, self.config.optim.g_lr), (self.d_optimizer, self.config.optim.d_lr)):
+            for group in optimizer.param_groups:
+                group["lr"] = base * factor
 
     # ----------------------------------------------------------------- non-finite steps
     def _finite_step(self, network: str, optimizer: torch.optim.Optimizer, module: nn.Module,
@@ -459,6 +481,7 @@ class Trainer:
         return {
             "generator": _unwrap(self.generator).state_dict(),
             "discriminator": _unwrap(self.discriminator).state_dict(),
+            "generator_ema": self.ema.state_dict() if self.ema is not None else None,
             "trainer": {
                 "g_optimizer": self.g_optimizer.state_dict(),
                 "d_optimizer": self.d_optimizer.state_dict(),
@@ -477,6 +500,13 @@ class Trainer:
         self.d_optimizer.load_state_dict(trainer["d_optimizer"])
         self.step = int(trainer["step"])
         self.samples_seen = int(trainer["samples_seen"])
+        if self.ema is not None:
+            averaged = state.get("generator_ema")
+            if averaged is None:  # a checkpoint from before model.ema_decay: the average restarts here
+                log.info("the checkpoint holds no averaged generator; it starts from the loaded weights")
+                averaged = state["generator"]
+            self.ema.load_state_dict(averaged)
+        self._set_learning_rates()
         # RNG streams are per rank; after a resize only rank-0's is meaningful to copy.
         if restore_rng and trainer.get("world_size", 1) == self.world_size:
             set_rng_state(trainer["rng"])
@@ -490,7 +520,8 @@ class Trainer:
         state = self.state_dict()
         trainer = {**state["trainer"], "data": data.state_dict() if data is not None else None}
         return ckpt.save_checkpoint(directory, config=self.config, generator=state["generator"],
-                                    discriminator=state["discriminator"], trainer=trainer, meta=self.meta())
+                                    discriminator=state["discriminator"], trainer=trainer, meta=self.meta(),
+                                    generator_ema=state["generator_ema"])
 
     def load(self, directory: str | Path, *, data: Stateful | None = None) -> dict[str, Any]:
         """Restore from a checkpoint directory written by :meth:`save`; returns its meta.
@@ -508,7 +539,7 @@ class Trainer:
         before = copy.deepcopy(self.state_dict())
         try:
             self.load_state_dict({"generator": contents.generator, "discriminator": contents.discriminator,
-                                  "trainer": contents.trainer})
+                                  "generator_ema": contents.generator_ema, "trainer": contents.trainer})
         except Exception as exc:  # size mismatch, missing keys, an optimizer state of other shapes
             self.load_state_dict(before)  # as it was: the caller may fall back to an older checkpoint
             raise _unloadable(directory, "does not fit this run's networks", exc) from None

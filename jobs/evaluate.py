@@ -6,7 +6,8 @@
     python jobs/evaluate.py --watch s3://b/runs/celeba-v1 --interval 600                  # the CronJob / sidecar
 
 Writes metrics.json, report.md, grid.png and per_image.csv to --output (default
-RUN/evaluations/<checkpoint>) and eval/<holes>/<metric> scalars to RUN/tensorboard/eval.
+RUN/evaluations/<checkpoint>) and eval/<holes>/<metric> scalars to RUN/tensorboard/eval (raw completions) and
+RUN/tensorboard/eval-postprocessed (Poisson-blended, as `fill` gives them).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --watch: a claim not renewed for this long (its holder renews it every "
                              "SECONDS/4) is a crashed evaluator's and is taken over (default: 600)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
+    parser.add_argument("--weights", default="ema", choices=("ema", "raw"),
+                        help="the averaged generator (model.ema_decay; default) or the last trained weights; a "
+                             "checkpoint without an average uses its raw weights either way")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra fsspec option for the data URL, e.g. endpoint_url=http://minio:9000")
     return parser
@@ -79,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         request = evaluator.EvaluationRequest(
             data=args.data, output=args.output, num_images=args.num_images, seed=args.seed, workers=args.workers,
-            split=args.split, storage_options=parse_storage_options(args.storage_option), device=args.device)
+            split=args.split, storage_options=parse_storage_options(args.storage_option), device=args.device,
+            weights=args.weights)
         if args.watch:
             summary = watcher.watch(args.watch, request, interval=args.interval, max_polls=args.max_polls,
                                        claim_timeout_s=args.claim_timeout)

@@ -145,7 +145,7 @@ def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint(sample_dataset, tm
     assert resumed and resumed[0] >= 8  # lost at most one checkpoint interval
     assert "run killed: step 72, phase done" in text
     meta = json.loads((storage / "killed" / "checkpoint_000000072" / "meta.json").read_text())
-    assert meta["phase"] == "done"
+    assert meta["phase"] == "done" and "generator_ema.safetensors" in meta["files"]
 
 
 def _free_port() -> int:

@@ -49,11 +49,12 @@ def read_rows(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def grid_tiles(folder: Path, size: int, row: int) -> list[np.ndarray]:
-    """(masked, completed, original) uint8 (S, S, 3) of one grid row (make_grid: 2 px padding)."""
+def grid_tiles(folder: Path, size: int, row: int, columns: int = 5) -> list[np.ndarray]:
+    """uint8 (S, S, 3) tiles of one grid row (make_grid: 2 px padding): a model's masked | raw |
+    post-processed | biharmonic | original, a baseline's masked | completed | original."""
     grid = np.asarray(Image.open(folder / ev.GRID_FILE))
     top = 2 + row * (size + 2)
-    return [grid[top:top + size, 2 + col * (size + 2):2 + col * (size + 2) + size] for col in range(3)]
+    return [grid[top:top + size, 2 + col * (size + 2):2 + col * (size + 2) + size] for col in range(columns)]
 
 
 # ------------------------------------------------------------------ protocol
@@ -87,30 +88,38 @@ def test_evaluation_writes_every_output_with_figures_that_scikit_image_reproduce
     assert document["protocol"]["kinds"] == ["center_1/4", "center_1/3", "center_side_1/4", "center_side_1/3",
                                             "random"]
 
+    assert document["weights"] == "ema" and "seamlessClone" in document["postprocessing"]
     rows = read_rows(folder)
     for kind in document["protocol"]["kinds"]:
         mine = [row for row in rows if row["kind"] == kind]
-        for name in ev.METRICS:
-            values = np.array([float(row[name]) for row in mine])
-            assert document["metrics"][kind][name]["count"] == IMAGES
-            assert document["metrics"][kind][name]["mean"] == pytest.approx(values.mean(), rel=1e-9)
-            assert document["metrics"][kind][name]["std"] == pytest.approx(values.std(), rel=1e-9)
+        for key, prefix in (("metrics", ""), ("metrics_postprocessed", ev.POST)):
+            for name in ev.METRICS:
+                values = np.array([float(row[prefix + name]) for row in mine])
+                assert document[key][kind][name]["count"] == IMAGES
+                assert document[key][kind][name]["mean"] == pytest.approx(values.mean(), rel=1e-9)
+                assert document[key][kind][name]["std"] == pytest.approx(values.std(), rel=1e-9)
+        # the same images and holes, two different completions
+        assert document["metrics"][kind]["hole_psnr"] != document["metrics_postprocessed"][kind]["hole_psnr"]
 
     hole = evaluation_masks("center_1/4", 1, 32, 16)[0][0, 0].numpy() < 0.5
     centre_rows = sorted((row for row in rows if row["kind"] == "center_1/4"), key=lambda r: int(r["position"]))
     for row in range(3):
-        masked, completed, original = grid_tiles(folder, 32, row)
+        masked, completed, blended, reference, original = grid_tiles(folder, 32, row)
         assert (masked[hole] == 255).all() and np.array_equal(masked[~hole], original[~hole])
-        assert np.array_equal(completed[~hole], original[~hole])  # known pixels are never changed
+        for tile in (completed, blended, reference):
+            assert np.array_equal(tile[~hole], original[~hole])  # known pixels are never changed
+        assert np.array_equal(reference, biharmonic(np.where(hole[..., None], 0, original).astype(np.uint8), hole))
         expected = centre_rows[row]
-        assert peak_signal_noise_ratio(original, completed, data_range=255) == pytest.approx(
-            float(expected["psnr"]), abs=1e-6)
-        assert structural_similarity(original, completed, data_range=255, channel_axis=-1, gaussian_weights=True,
-                                     sigma=1.5, use_sample_covariance=False) == pytest.approx(
-            float(expected["ssim"]), abs=1e-6)
+        for tile, prefix in ((completed, ""), (blended, ev.POST)):
+            assert peak_signal_noise_ratio(original, tile, data_range=255) == pytest.approx(
+                float(expected[prefix + "psnr"]), abs=1e-6)
+            assert structural_similarity(original, tile, data_range=255, channel_axis=-1, gaussian_weights=True,
+                                         sigma=1.5, use_sample_covariance=False) == pytest.approx(
+                float(expected[prefix + "ssim"]), abs=1e-6)
 
     report = (folder / ev.REPORT_FILE).read_text()
     assert "30.18" in report and "36.90" in report and "step 4 (this)" in report
+    assert "Post-processed:" in report and "masked | raw | post-processed | biharmonic | original" in report
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -119,6 +128,12 @@ def test_evaluation_writes_every_output_with_figures_that_scikit_image_reproduce
     scalar = events.Scalars("eval/center_1/4/psnr")[0]
     assert scalar.step == 4
     assert scalar.value == pytest.approx(document["metrics"]["center_1/4"]["psnr"]["mean"], rel=1e-5)
+    events = EventAccumulator(str(run / "tensorboard" / "eval-postprocessed"))
+    events.Reload()
+    scalar = events.Scalars("eval/center_1/4/hole_psnr")[0]
+    assert scalar.step == 4
+    assert scalar.value == pytest.approx(document["metrics_postprocessed"]["center_1/4"]["hole_psnr"]["mean"],
+                                         rel=1e-5)
 
 
 def test_two_checkpoints_get_the_same_images_and_holes_and_the_report_compares_them(run):
@@ -203,10 +218,13 @@ def test_final_comparison_puts_the_model_beside_every_baseline_and_reuses_them(r
     assert names == ["mean", "telea", "biharmonic"] and not comparison.skipped
     assert comparison.model.document["step"] == 4
     table = comparison.describe()
-    for row in ("model, step 4", "mean (classical)", "telea (classical)", "biharmonic (classical)"):
-        assert row in table
+    for row in ("model (averaged), step 4, raw", "model (averaged), step 4, post-processed", "mean (classical)",
+                "telea (classical)", "biharmonic (classical)"):
+        assert f"| {row} |" in table
+    assert "Best hole PSNR: " in table
     report = (run / "evaluations" / "checkpoint_000000004" / ev.REPORT_FILE).read_text()
     assert "## Beside classical methods" in report and "| biharmonic (classical) |" in report
+    assert "| model (averaged), step 4, post-processed |" in report and "Best hole PSNR: " in report
     for name in names:
         assert list((run / "tensorboard" / f"eval-baseline-{name}").glob("events.out.tfevents.*"))
     # the same protocol again: the baselines' figures are reused, not recomputed
@@ -228,7 +246,7 @@ def test_evaluating_holes_larger_than_training_drew_is_flagged(run):
 
 def test_telea_without_opencv_is_a_clear_error(monkeypatch, run, capsys):
     monkeypatch.setitem(__import__("sys").modules, "cv2", None)
-    with pytest.raises(BaselineError, match="inpaint\\[baseline\\]"):
+    with pytest.raises(BaselineError, match="pip install opencv-python-headless"):
         telea(smooth_image(), np.ones((48, 48), dtype=bool))
     assert job.main(["--baseline", "telea", "--checkpoint", str(run)]) == 2
     assert "pip install" in capsys.readouterr().err
@@ -247,6 +265,38 @@ def test_cli_user_errors_exit_2_with_one_line(extra, message, run, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
     assert not any(line.startswith("Traceback") for line in err)
+
+
+def _document(label: str, figures: dict[str, float], post: dict[str, float] | None = None) -> dict:
+    kinds = list(figures)
+    summary = lambda values: {k: {"hole_psnr": {"mean": v, "std": 0.0, "count": 1}} for k, v in values.items()}  # noqa: E731
+    base = {"protocol": {"kinds": kinds}, "metrics": summary(figures)}
+    if label.startswith("model"):
+        return {**base, "step": 7, "weights": "ema", "metrics_postprocessed": summary(post) if post else None}
+    return {**base, "baseline": label}
+
+
+def test_the_sentence_under_the_table_names_the_best_method_per_hole_kind_from_the_figures():
+    documents = [_document("model", {"a": 20.0, "b": 25.0, "c": 21.0}, {"a": 24.0, "b": 26.0, "c": 20.0}),
+                 _document("mean", {"a": 19.0, "b": 18.0, "c": 18.0}),
+                 _document("biharmonic", {"a": 23.0, "b": 25.5, "c": 22.0})]
+    assert ev.best_methods(documents) == ("Best hole PSNR: model (averaged), step 7, post-processed on a, b; "
+                                          "biharmonic on c.")
+    documents[2]["metrics"]["b"]["hole_psnr"]["mean"] = 30.0
+    assert ev.best_methods(documents).endswith("post-processed on a; biharmonic on b, c.")
+    rows = ev.comparison_table(documents)
+    assert rows[2].startswith("| model (averaged), step 7, raw | 20.00 | 25.00 | 21.00 |")
+    assert rows[3].startswith("| model (averaged), step 7, post-processed | 24.00 | 26.00 | 20.00 |")
+
+
+def test_raw_weights_are_evaluated_into_their_own_folder(run):
+    averaged = cev.evaluate_checkpoint(str(run), request(num_images=2))
+    raw = cev.evaluate_checkpoint(str(run), request(num_images=2, weights="raw"))
+    assert averaged.document["weights"] == "ema" and raw.document["weights"] == "raw"
+    assert raw.output == str(run / "evaluations" / "checkpoint_000000004-raw")
+    assert averaged.document["metrics"] != raw.document["metrics"]
+    with pytest.raises(cev.EvaluationError, match="weights"):
+        request(weights="last")
 
 
 def test_cli_rejects_a_bad_image_count():

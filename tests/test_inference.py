@@ -86,7 +86,7 @@ def test_fill_matches_the_generator_on_a_multiple_of_four(inpainter):
     with torch.no_grad():
         expected = inpainter.generator(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255, known)
     expected = (expected[0] * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-    assert np.array_equal(inpainter.fill(image, hole)[hole], expected[hole])
+    assert np.array_equal(inpainter.fill(image, hole, blend=False)[hole], expected[hole])
 
 
 def test_a_small_hole_in_a_large_photo_is_filled_from_a_window_at_the_training_scale(inpainter):
@@ -171,8 +171,8 @@ def test_blend_keeps_known_pixels_and_smooths_the_seam(inpainter):
         rows = [(10, 9), (25, 26)]
         return float(np.mean([np.abs(out[a, 12:32].astype(int) - out[b, 12:32]).mean() for a, b in rows]))
 
-    plain = inpainter.fill(image, hole)
-    blended = inpainter.fill(image, hole, blend=True)
+    plain = inpainter.fill(image, hole, blend=False)
+    blended = inpainter.fill(image, hole)  # post-processing is the default
     assert np.array_equal(blended[~hole], image[~hole])
     assert seam(blended) < seam(plain) / 2
 
@@ -245,12 +245,33 @@ def test_cli_errors_are_one_line_with_exit_code_2(case, message, run, tmp_path, 
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
 
-def test_cli_blend_without_opencv_is_a_clear_error(run, tmp_path, monkeypatch, capsys):
+def test_cli_blends_by_default_and_no_blend_writes_the_raw_fill(run, tmp_path):
+    image, hole = photo(37, 53, seed=3), rect_hole(37, 53, 8, 10, 14, 18)
+    save_png(image, tmp_path / "in.png")
+    save_png(hole.astype(np.uint8) * 255, tmp_path / "mask.png")
+    outputs = {}
+    for name, flags in {"default": [], "no-blend": ["--no-blend"], "raw-weights": ["--no-blend", "--weights", "raw"]}.items():
+        assert main(["fill", "--checkpoint", str(run), "--image", str(tmp_path / "in.png"), "--mask",
+                     str(tmp_path / "mask.png"), "--output", str(tmp_path / f"{name}.png"), *flags]) == 0
+        outputs[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
+        assert np.array_equal(outputs[name][~hole], image[~hole])
+    averaged = Inpainter.from_checkpoint(str(run))
+    assert np.array_equal(outputs["default"], averaged.fill(image, hole, blend=True))
+    assert np.array_equal(outputs["no-blend"], averaged.fill(image, hole, blend=False))
+    assert not np.array_equal(outputs["default"], outputs["no-blend"])
+    raw = Inpainter.from_checkpoint(str(run), weights="raw")
+    assert np.array_equal(outputs["raw-weights"], raw.fill(image, hole, blend=False))
+    assert raw.meta["weights"] == "raw" and averaged.meta["weights"] == "ema"  # the average is not the last weights:
+    assert any(not torch.equal(a, b) for a, b in zip(raw.generator.parameters(), averaged.generator.parameters()))
+
+
+def test_cli_without_opencv_is_a_clear_error_unless_no_blend(run, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "cv2", None)
     save_png(photo(16, 16), tmp_path / "in.png")
-    code = main(["fill", "--checkpoint", str(run), "--image", str(tmp_path / "in.png"), "--box", "4,4,6,6",
-                 "--blend", "--output", str(tmp_path / "out.png")])
-    assert code == 2 and "inpaint[baseline]" in capsys.readouterr().err
+    args = ["fill", "--checkpoint", str(run), "--image", str(tmp_path / "in.png"), "--box", "4,4,6,6",
+            "--output", str(tmp_path / "out.png")]
+    assert main(args) == 2 and "pip install opencv-python-headless" in capsys.readouterr().err
+    assert main([*args, "--no-blend"]) == 0
 
 
 def test_cli_usage_errors_exit_2(run):

@@ -114,7 +114,8 @@ def final_weights(bucket: str, name: str, step: int) -> dict:
 
     fs = s3fs.S3FileSystem()
     folder = f"{run_root(bucket, name)[5:]}/checkpoint_{step:09d}"
-    return {f"{net}.{key}": value for net in ("generator", "discriminator")
+    # generator_ema: the averaged generator (the debug recipe keeps one) must resume bit for bit too
+    return {f"{net}.{key}": value for net in ("generator", "discriminator", "generator_ema")
             for key, value in load(fs.cat_file(f"{folder}/{net}.safetensors")).items()}
 
 

@@ -31,7 +31,26 @@ def test_tiny_budget_writes_curves_baselines_table_and_png(sample_dataset, tmp_p
         for kind in result["kinds"]:
             assert set(point["figures"][kind]) >= {"hole_psnr", "psnr", "ssim"}
             assert 0 < point["figures"][kind]["ssim"] <= 1
-    assert "| mean |" in printed and "| glcic |" in printed and result["cpu"]
+        assert set(point["variants"]) == {"raw", "raw+post", "ema", "ema+post"}
+        assert point["variants"]["raw"] == point["figures"]
+        assert point["variants"]["ema+post"] != point["variants"]["ema"]  # post-processing changes the hole
+    assert set(curve["smoothness"]) == {"raw", "raw+post", "ema", "ema+post"}
+    assert all(value >= 0 for swings in curve["smoothness"].values() for value in swings.values())
+    assert "| mean |" in printed and "| glcic raw |" in printed and "| glcic | ema+post |" in printed
+    assert result["cpu"]
+
+
+def test_smoothness_is_the_spread_of_successive_changes_from_the_joint_phase_on():
+    def point(phase, value):
+        figures = {"k": {"hole_psnr": value}}
+        return {"phase": phase, "variants": {"raw": figures, "ema": {"k": {"hole_psnr": value / 2}}}}
+
+    curve = {"points": [point("generator", 0.0), point("generator", 10.0), point("joint", 11.0),
+                        point("joint", 13.0), point("joint", 14.0)]}
+    swings = quality.smoothness(curve, ["k"])
+    # from the last generator point: changes 1, 2, 1 -> std sqrt(2/9); the early 0 -> 10 jump does not count
+    assert swings["raw"]["k"] == pytest.approx((2 / 9) ** 0.5)
+    assert swings["ema"]["k"] == pytest.approx((2 / 9) ** 0.5 / 2)
 
 
 def test_bad_arguments_are_refused():
