@@ -1,7 +1,7 @@
 """How the averaged generator and the quick start's learning-rate schedule behave: one quick-start-shaped run.
 
     python benchmarks/ema_lr_probe.py                                         # the quickstart recipe as it is
-    python benchmarks/ema_lr_probe.py optim.warmup_steps=0 optim.decay=constant   # --set-style overrides
+    python benchmarks/ema_lr_probe.py --set optim.warmup_steps=0 --set optim.decay=constant   # config overrides
 
 Trains the ``quickstart`` recipe's phases (2000 generator, 100 discriminator, 400 joint steps) in
 this process (one worker, batch 8: half the quick start's global batch), keeps moving averages of
@@ -15,6 +15,7 @@ About 3-4 CPU minutes on one core of the 2-core AMD EPYC.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import statistics
@@ -40,6 +41,10 @@ DECAYS = (0.98, 0.99, 0.995)
 
 
 def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a field of the quickstart recipe (repeatable)")
+    argv = parser.parse_args(argv).overrides
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="inpaint-ema-probe-") as tmp:
         data = pack_dataset("sample", None, f"{tmp}/sample", progress=False).output_url

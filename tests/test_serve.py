@@ -74,7 +74,8 @@ def test_answer_fills_only_the_hole_and_returns_png_or_jpeg(service, checkpoints
     data, content_type, checkpoint = service.answer(png(image), png(mask), blend=False, output_format="png")
     assert content_type == "image/png" and checkpoint.endswith("checkpoint_000000002")
     filled = np.asarray(Image.open(io.BytesIO(data)))
-    expected = Inpainter.from_checkpoint(str(checkpoints / "checkpoint_000000002")).fill_array(image, mask > 0)
+    expected = Inpainter.from_checkpoint(str(checkpoints / "checkpoint_000000002")).fill_array(image, mask > 0,
+                                                                                              blend=False)
     assert np.array_equal(filled, expected)
     data, content_type, _ = service.answer(png(image), png(mask), blend="true", output_format="JPG")
     assert content_type == "image/jpeg" and Image.open(io.BytesIO(data)).format == "JPEG"
