@@ -375,11 +375,10 @@ class Trainer:
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         found = torch.zeros(1, device=self.device)
         if grads:  # before clipping: an infinite norm would clip every gradient to zero, and Adam would step
-            # One isfinite per gradient, not a fused foreach kernel: on CPU both torch._foreach_norm and
-            # GradScaler's check-and-unscale now and then reported a finite gradient as not finite (the
-            # same step skipped in one run and taken in the next, measured on torch 2.14).
-            finite = torch.stack([torch.isfinite(grad).all() for grad in grads]).all()
-            found = (~finite).float().reshape(1)
+            # A norm per gradient in one fused kernel (a NaN or inf anywhere makes its norm non-finite); it
+            # reads the gradients only, where GradScaler's check-and-unscale would rewrite each one.
+            norms = torch.stack([norm.float() for norm in torch._foreach_norm(grads)])
+            found = (~torch.isfinite(norms)).any().float().reshape(1)
         bad_terms = torch.stack([~torch.isfinite(value.detach().float()).all() for value in terms.values()])
         found = torch.clamp(found + bad_terms.any().float(), max=1.0)
         self._clip(module)

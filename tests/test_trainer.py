@@ -118,7 +118,10 @@ GLCIC_SETTINGS = ("model.arch=glcic", "model.block=conv", "model.disc_tail_strid
                   "optim.g_lr=1", "optim.d_lr=1")
 
 
-@pytest.mark.parametrize("settings", [(), GLCIC_SETTINGS], ids=["paper-adam", "glcic-adadelta"])
+# In fp32: under CPU bf16 autocast the debug-sized glcic local discriminator's last conv (a 1x1 input)
+# now and then gets a NaN weight gradient from torch 2.14's CPU kernels (seen 1 run in 3 on an
+# avx512_bf16 EPYC), which the trainer then skips as a non-finite step: that is about bf16, not resume.
+@pytest.mark.parametrize("settings", [(), (*GLCIC_SETTINGS, "runtime.bf16=false")], ids=["paper-adam", "glcic-adadelta"])
 def test_save_load_continue_matches_an_uninterrupted_run(tmp_path, settings):
     config = debug_config("schedule.generator_steps=3", "schedule.discriminator_steps=2", "schedule.joint_steps=4",
                           *settings)
