@@ -19,6 +19,7 @@ from cluster.ray_storage import pyarrow_filesystem
 from inpaint import recipes, storage
 from inpaint.cli import check_run_name
 from inpaint.config import RESUMABLE, Config, ConfigError, apply_overrides
+from inpaint.errors import one_line
 from inpaint.run_folder import RunPaths, checkpoint_urls
 from inpaint.storage import normalize
 
@@ -276,7 +277,7 @@ def _existing_config(request: TrainRequest) -> tuple[Config | None, str]:
         except storage.MissingObject:
             pass
         except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and ConfigError are ValueErrors
-            raise UserError(f"run {request.name}: {run.config} is unreadable ({' '.join(str(exc).split())[:200]}); "
+            raise UserError(f"run {request.name}: {run.config} is unreadable ({one_line(exc, 200)}); "
                             "fix or remove it, or use a new --name") from None
         for url, _ in reversed(checkpoint_urls(run.run)):
             try:
@@ -356,7 +357,7 @@ def _check_ray_snapshot(request: TrainRequest) -> None:
             _CheckpointManagerState.parse_obj(json.loads(raw))
             return
         except Exception as exc:  # JSON, pydantic or Ray-version errors: all mean Ray cannot use it
-            problem = " ".join(str(exc).split())[:200]
+            problem = one_line(exc, 200)
     aside = f"{url}.unloadable"
     try:
         storage.remove(aside)

@@ -30,6 +30,7 @@ from inpaint.checkpoint import CheckpointError
 from inpaint.config import Config
 from inpaint.data import TrainLoader, make_train_loader
 from inpaint.distributed import CheckpointCadence, grouped, prepare_for_training
+from inpaint.errors import one_line
 from inpaint.phases import Phase
 from inpaint.run_folder import RunPaths, checkpoint_name, checkpoint_urls, move_aside
 from inpaint.trainer import Stateful, Trainer
@@ -130,14 +131,14 @@ def choose_checkpoint(trainer: Trainer, run: RunPaths, registered: ray.train.Che
         try:
             return url, _load_url(trainer, url, data)
         except CheckpointError as exc:  # it will not load on a retry either: keep it from being overwritten
-            _set_aside(url, " ".join(str(exc).split()))
+            _set_aside(url, one_line(exc, 1000))
         except (storage.StorageError, OSError) as exc:
-            log.warning("skipping %s: %s", url, " ".join(str(exc).split()))
+            log.warning("skipping %s: %s", url, one_line(exc, 1000))
     if registered is not None and registered_name not in {storage.name(url) for url in listed}:
         try:
             return REGISTERED, _load_registered(trainer, registered, data)
         except (CheckpointError, OSError) as exc:
-            log.warning("skipping Ray's registered checkpoint %s: %s", registered.path, " ".join(str(exc).split()))
+            log.warning("skipping Ray's registered checkpoint %s: %s", registered.path, one_line(exc, 1000))
     if listed or registered is not None:
         log.warning("no checkpoint of %s loads; starting from scratch", run.run)
     return None, None

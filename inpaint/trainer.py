@@ -34,6 +34,7 @@ from torch.profiler import record_function
 from inpaint import checkpoint as ckpt
 from inpaint.config import Config
 from inpaint.ema import GeneratorEMA
+from inpaint.errors import one_line
 from inpaint.hardware import default_bf16, default_channels_last, resolve_device
 from inpaint.losses import (
     contextual_loss,
@@ -69,8 +70,7 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 def _unloadable(directory: str | Path, what: str, exc: Exception) -> ckpt.UnloadableCheckpoint:
     """``directory: what (the error in one line)``."""
-    reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-    return ckpt.UnloadableCheckpoint(f"{directory}: {what} ({reason})")
+    return ckpt.UnloadableCheckpoint(f"{directory}: {what} ({one_line(exc)})")
 
 
 def _without_ddp(module: nn.Module) -> nn.Module:
