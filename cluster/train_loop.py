@@ -25,13 +25,13 @@ from cluster import console
 from cluster.console import ThroughputMeter, progress_line
 from cluster.restore import restore_latest
 from cluster.sample_keys import SampleKeyLog, attempt_id
-from cluster.tensorboard import RunWriter
 from inpaint import storage
 from inpaint.config import Config
 from inpaint.data import TrainLoader, make_train_loader
 from inpaint.distributed import CheckpointCadence, broadcast_object, gather_objects, prepare_for_training
 from inpaint.phases import Phase
 from inpaint.run_folder import RunPaths, checkpoint_name
+from inpaint.tensorboard import RunWriter
 from inpaint.trainer import Trainer
 
 log = logging.getLogger("inpaint.train")

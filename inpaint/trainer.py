@@ -44,6 +44,7 @@ from inpaint.losses import (
 )
 from inpaint.models import build_discriminator, build_generator, composite, crop_local
 from inpaint.phases import Phase, PhaseSchedule, lr_factor
+from inpaint.tensorboard import show_hole
 
 log = logging.getLogger(__name__)
 
@@ -466,7 +467,7 @@ class Trainer:
 
     @torch.no_grad()
     def complete(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(masked input, completed, original) in [0, 1] for image grids; does not train."""
+        """(masked input with its hole drawn white, completed, original) in [0, 1] for image grids; does not train."""
         image, mask, _ = self._to_device(batch)
         generator = _unwrap(self.generator)
         was_training = generator.training
@@ -474,7 +475,7 @@ class Trainer:
         with self._autocast():
             prediction = generator(image, mask)
         generator.train(was_training)
-        return image * mask, composite(image, prediction.float(), mask), image
+        return show_hole(image, mask), composite(image, prediction.float(), mask), image
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
