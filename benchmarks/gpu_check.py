@@ -76,6 +76,7 @@ from benchmarks.workloads import Workload, make_dataset  # noqa: E402
 from inpaint.config import ConfigError, DataConfig  # noqa: E402
 from inpaint.data import make_train_loader  # noqa: E402
 from inpaint.distributed import prepare_for_training  # noqa: E402
+from inpaint.errors import one_line  # noqa: E402
 from inpaint.trainer import Trainer  # noqa: E402
 
 MIB = 2**20
@@ -126,12 +127,6 @@ class Stop(BaseException):
 
 class InjectedFailure(RuntimeError):
     pass
-
-
-def one_line(exc: BaseException) -> str:
-    """``Type: first line of the message``, at most 300 characters."""
-    text = " ".join(str(exc).split()) or "(no message)"
-    return f"{type(exc).__name__}: {text}"[:300]
 
 
 def free_port() -> int:
@@ -225,7 +220,7 @@ class Guard:
                 self.stopped, self.exit_code, caught = str(stop), stop.exit_code, stop
             except Exception as exc:  # noqa: BLE001 -- any failure of one section is that section's figure
                 traceback.print_exc()
-                entry = {"failed": one_line(exc)}
+                entry = {"failed": one_line(exc, typed=True)}
                 traceback.clear_frames(exc.__traceback__)  # the failed section's tensors can be freed
                 del exc
             finally:
@@ -400,7 +395,7 @@ def fact(read: Callable[[], Any]) -> Any:
     try:
         return read()
     except Exception as exc:  # noqa: BLE001
-        return f"unknown ({one_line(exc)})"
+        return f"unknown ({one_line(exc, typed=True)})"
 
 
 def start_process_group(check: Check) -> dict[str, Any]:
@@ -461,7 +456,7 @@ def eager_steps(check: Check, phase: str, batch: int) -> dict[str, Any]:
     try:
         flops, flops_failed = check.flops(phase), None
     except Exception as exc:  # noqa: BLE001 -- the timing is still worth having without its FLOPs
-        flops, flops_failed = None, one_line(exc)
+        flops, flops_failed = None, one_line(exc, typed=True)
     baseline = clean_baseline(check.device)
     runner = check.runner(phase, batch)
     prepare(runner.trainer, check.device, compiled=False, ddp=check.ddp)
@@ -732,7 +727,7 @@ def run(options: Options, output: Path) -> int:
             try:
                 sections[name] = derive(sections, check.batch, options.allreduce_gbps)
             except Exception as exc:  # noqa: BLE001 -- a derived figure never stops the writing
-                sections[name] = {"failed": one_line(exc)}
+                sections[name] = {"failed": one_line(exc, typed=True)}
         results["meta"]["wall_s"] = time.time() - started
         write_atomic(output, json.dumps(results, indent=1, default=str))
         write_atomic(output.with_suffix(".txt"), render(results))

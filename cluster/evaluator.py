@@ -35,6 +35,7 @@ from inpaint.masks import uncovered_evaluation_holes
 from inpaint.models import Generator
 from inpaint.run_folder import EVAL_EVENTS, EVALUATIONS, RunPaths, baseline_name, first_loadable, is_run_folder, \
     run_of_checkpoint
+from inpaint.tensorboard import eval_scalars, write_scalars
 
 log = logging.getLogger("inpaint.evaluate")
 
@@ -224,19 +225,13 @@ def publish(output: str, document: dict[str, Any], scores: ev.Scores) -> None:
 
 
 def log_to_tensorboard(run_url: str, document: dict[str, Any], folder: str = EVAL_EVENTS) -> None:
-    """Scalars into RUN/tensorboard/<folder> (written locally, then uploaded when the run is remote); a
-    model's post-processed figures into <folder>-postprocessed, under the same tags."""
+    """Scalars into RUN/tensorboard/<folder>; a model's post-processed figures into
+    <folder>-postprocessed, under the same tags (inpaint.tensorboard, the one writer)."""
     parts = [(folder, "metrics")]
     if document.get("metrics_postprocessed"):
         parts.append((f"{folder}-postprocessed", "metrics_postprocessed"))
     for name, key in parts:
-        target = RunPaths.of(run_url).events(name)
-        if not storage.is_remote(target):
-            ev.log_scalars(target, document, key)
-            continue
-        with tempfile.TemporaryDirectory(prefix="inpaint-eval-tb-") as tmp:
-            ev.log_scalars(tmp, document, key)
-            storage.upload_dir(tmp, target)
+        write_scalars(RunPaths.of(run_url).events(name), eval_scalars(document, key), document["step"])
 
 
 # ------------------------------------------------------------------ one evaluation

@@ -19,7 +19,8 @@ from cluster.ray_storage import pyarrow_filesystem
 from inpaint import recipes, storage
 from inpaint.cli import check_run_name
 from inpaint.config import RESUMABLE, Config, ConfigError, apply_overrides
-from inpaint.run_folder import RunPaths, checkpoint_urls
+from inpaint.errors import one_line
+from inpaint.run_folder import RunPaths, checkpoint_urls, load_newest
 from inpaint.storage import normalize
 
 log = logging.getLogger("inpaint.launch")
@@ -276,13 +277,13 @@ def _existing_config(request: TrainRequest) -> tuple[Config | None, str]:
         except storage.MissingObject:
             pass
         except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and ConfigError are ValueErrors
-            raise UserError(f"run {request.name}: {run.config} is unreadable ({' '.join(str(exc).split())[:200]}); "
+            raise UserError(f"run {request.name}: {run.config} is unreadable ({one_line(exc, 200)}); "
                             "fix or remove it, or use a new --name") from None
-        for url, _ in reversed(checkpoint_urls(run.run)):
-            try:
-                return read(storage.join(url, CONFIG_FILE)), storage.join(url, CONFIG_FILE)
-            except (storage.MissingObject, ValueError, UnicodeDecodeError):
-                continue
+        newest_first = [storage.join(url, CONFIG_FILE) for url, _ in reversed(checkpoint_urls(run.run))]
+        found = load_newest(newest_first, read, skip=(storage.MissingObject, ValueError, UnicodeDecodeError),
+                            on_skip=lambda url, exc: None)  # that checkpoint will not be resumed from either
+        if found is not None:
+            return found[1], found[0]
     except storage.StorageError as exc:  # unreachable storage, bad credentials, a file where a folder should be
         raise UserError(f"storage {run.run} is not readable or not reachable: {exc}") from None
     return None, ""
@@ -337,7 +338,7 @@ def _check_ray_snapshot(request: TrainRequest) -> None:
     """Move aside a Ray checkpoint-manager snapshot that Ray could not load (it would raise in fit()).
 
     The snapshot only repeats what the run folder holds: our checkpoints are found and verified
-    from the folder itself (:func:`cluster.train_loop.choose_checkpoint`), so training goes on
+    from the folder itself (:func:`cluster.restore.load_newest_checkpoint`), so training goes on
     without it. It is renamed, not deleted, and the log says so.
     """
     import json
@@ -356,7 +357,7 @@ def _check_ray_snapshot(request: TrainRequest) -> None:
             _CheckpointManagerState.parse_obj(json.loads(raw))
             return
         except Exception as exc:  # JSON, pydantic or Ray-version errors: all mean Ray cannot use it
-            problem = " ".join(str(exc).split())[:200]
+            problem = one_line(exc, 200)
     aside = f"{url}.unloadable"
     try:
         storage.remove(aside)

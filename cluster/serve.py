@@ -41,6 +41,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from inpaint.errors import one_line
 from inpaint.serving import (FOLLOW_MODES, CheckpointFollower, InpaintService, ModelSlot, RequestError, check_fields,
                              load_model, run_folder_of)
 
@@ -101,7 +102,7 @@ class Admission:
 
 def error_response(status: int, message: str) -> JSONResponse:
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
-    return JSONResponse({"error": " ".join(str(message).split())}, status_code=status, headers=headers)
+    return JSONResponse({"error": one_line(message, 1000)}, status_code=status, headers=headers)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

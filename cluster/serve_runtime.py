@@ -10,6 +10,7 @@ from typing import Callable
 
 from cluster.ray_runtime import ensure_ray
 from cluster.serve import ServeOptions, build_app, with_gpu_defaults
+from inpaint.errors import one_line
 
 APP_NAME = "inpaint"
 log = logging.getLogger("inpaint.serve")
@@ -17,13 +18,6 @@ log = logging.getLogger("inpaint.serve")
 
 class ServeError(RuntimeError):
     """The app could not start (a checkpoint that does not load, a port in use); the message is one line."""
-
-
-def one_line(exc: BaseException) -> str:
-    """The last meaningful line of a Ray error, which carries a whole remote traceback."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("File ", "Traceback", "^", "~"))]
-    return (useful or lines or [type(exc).__name__])[-1][:500]
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -54,7 +48,7 @@ def start_app(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, gpu
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     except Exception as exc:  # a replica's constructor failed, or the proxy could not bind
-        raise ServeError(f"the app did not start: {one_line(exc)}") from None
+        raise ServeError(f"the app did not start: {one_line(exc, 500, remote=True)}") from None
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     deadline = time.monotonic() + 60
     while True:  # serve.run returns when replicas are up; the proxy may need a moment more

@@ -23,16 +23,16 @@ from ray.train import CheckpointUploadMode
 
 from cluster import console
 from cluster.console import ThroughputMeter, progress_line
+from cluster.restore import restore_latest
 from cluster.sample_keys import SampleKeyLog, attempt_id
-from cluster.tensorboard import RunWriter
 from inpaint import storage
-from inpaint.checkpoint import CheckpointError
 from inpaint.config import Config
 from inpaint.data import TrainLoader, make_train_loader
-from inpaint.distributed import CheckpointCadence, grouped, prepare_for_training
+from inpaint.distributed import CheckpointCadence, broadcast_object, gather_objects, prepare_for_training
 from inpaint.phases import Phase
-from inpaint.run_folder import RunPaths, checkpoint_name, checkpoint_urls, move_aside
-from inpaint.trainer import Stateful, Trainer
+from inpaint.run_folder import RunPaths, checkpoint_name
+from inpaint.tensorboard import RunWriter
+from inpaint.trainer import Trainer
 
 log = logging.getLogger("inpaint.train")
 
@@ -75,130 +75,6 @@ class UploadGate:
         self.pending = directory
 
 
-RESTORE_ATTEMPTS = 3  # per rank, for the checkpoint rank 0 chose: transient read errors are retried
-REGISTERED = "<registered>"  # rank 0's choice when only Ray's own record of the checkpoint loads
-
-
-def _load_url(trainer: Trainer, url: str, data: Stateful | None) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="inpaint-restore-") as scratch:
-        return trainer.load(storage.download_dir(url, scratch), data=data)
-
-
-def _load_registered(trainer: Trainer, registered: ray.train.Checkpoint, data: Stateful | None) -> dict[str, Any]:
-    with registered.as_directory() as directory:
-        return trainer.load(directory, data=data)
-
-
-def _set_aside(url: str, reason: str, *, skip_logged: bool = False) -> None:
-    """Move a checkpoint that will never load aside (see :func:`inpaint.run_folder.move_aside`), so that
-    training past its step replaces nothing; a failure to move it is logged, not fatal.
-
-    One warning per checkpoint: ``skip_logged`` when the listing already said it skipped it.
-    """
-    try:
-        aside = move_aside(url, reason)
-        if skip_logged:
-            log.warning("moved %s aside to %s", url, aside)
-        else:
-            log.warning("skipping %s: %s; moved it aside to %s", url, reason, aside)
-    except storage.StorageError as move_error:
-        log.warning("%s (%s) could not be moved aside: %s", url, reason, move_error)
-
-
-def choose_checkpoint(trainer: Trainer, run: RunPaths, registered: ray.train.Checkpoint | None,
-                      data: Stateful | None = None) -> tuple[str | None, dict[str, Any] | None]:
-    """Load the newest checkpoint of the run that loads; return (its URL or REGISTERED or None, its meta).
-
-    Ray registers a reported checkpoint a moment after its upload, so a worker killed in that
-    window leaves a complete folder in storage that Ray does not list. Our checkpoints are
-    self-verifying (meta.json last, with sha256 of every file), so such a folder is safe to
-    resume from and saves a checkpoint interval of work. One that fails verification, or
-    verifies but does not load (UnloadableCheckpoint), is skipped with a warning and the next
-    older one is tried -- Ray's registered checkpoint included, so a corrupt checkpoint that Ray
-    registered does not end training. None of them loading means a fresh start.
-    """
-    registered_name = storage.name(registered.path) if registered is not None else None
-    rejected: list[tuple[str, str]] = []  # folders with a marker that is not trusted (a copy cut short)
-    try:
-        listed = [url for url, _ in reversed(checkpoint_urls(run.run, rejected))]  # newest step first
-    except Exception as exc:  # storage unreachable right now: Ray's own record is still worth a try
-        log.warning("cannot list the checkpoints of %s (%s); trying Ray's registered checkpoint", run.run, exc)
-        listed = []
-    for url, reason in rejected:  # no writer is left at a restore: these will never complete
-        _set_aside(url, reason, skip_logged=True)
-    for url in listed:
-        try:
-            return url, _load_url(trainer, url, data)
-        except CheckpointError as exc:  # it will not load on a retry either: keep it from being overwritten
-            _set_aside(url, " ".join(str(exc).split()))
-        except (storage.StorageError, OSError) as exc:
-            log.warning("skipping %s: %s", url, " ".join(str(exc).split()))
-    if registered is not None and registered_name not in {storage.name(url) for url in listed}:
-        try:
-            return REGISTERED, _load_registered(trainer, registered, data)
-        except (CheckpointError, OSError) as exc:
-            log.warning("skipping Ray's registered checkpoint %s: %s", registered.path, " ".join(str(exc).split()))
-    if listed or registered is not None:
-        log.warning("no checkpoint of %s loads; starting from scratch", run.run)
-    return None, None
-
-
-# Collectives over the training group; in a single process (world size 1, or no process group, as
-# in the in-process tests) each is the identity.
-def _broadcast(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank."""
-    if not grouped():
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gathered(value: Any) -> list[Any]:
-    """Every rank's ``value``, in rank order."""
-    if not grouped():
-        return [value]
-    values: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(values, value)
-    return values
-
-
-def restore_latest(trainer: Trainer, run: RunPaths, registered: ray.train.Checkpoint | None, *,
-                   data: Stateful | None = None, rank: int = 0, announce: bool | None = None) -> str | None:
-    """Every rank resumes from the checkpoint rank 0 chose (see :func:`choose_checkpoint`); returns it.
-
-    ``data`` (the rank's training loader) gets the data position saved with that checkpoint.
-
-    Rank 0 picks and loads; the others load exactly that one (retrying transient read errors) or
-    fail, so that Ray restarts the group, rather than resume from another step. Ranks then check
-    that they agree on the step and samples seen before any training.
-    """
-    announce = rank == 0 if announce is None else announce
-    choice = meta = None
-    if rank == 0:
-        choice, meta = choose_checkpoint(trainer, run, registered, data)
-    choice = _broadcast(choice)
-    if rank != 0 and choice is not None:
-        for attempt in range(1, RESTORE_ATTEMPTS + 1):
-            try:
-                meta = (_load_registered(trainer, registered, data) if choice == REGISTERED
-                        else _load_url(trainer, choice, data))
-                break
-            except (CheckpointError, storage.StorageError, OSError) as exc:
-                if attempt == RESTORE_ATTEMPTS:
-                    raise RuntimeError(f"rank {rank} cannot load {choice}, which rank 0 resumed from: {exc}") from None
-                log.warning("rank %d: reading %s failed (%s); retrying", rank, choice, exc)
-                time.sleep(attempt)
-    positions = _gathered((trainer.step, trainer.samples_seen))
-    if len(set(positions)) != 1:
-        raise RuntimeError(f"ranks resumed at different (step, samples seen): {positions}")
-    if announce and meta is not None:
-        where = registered.path if choice == REGISTERED else choice
-        log.info("resumed from %s: step %d, phase %s, %d samples seen", where, meta["step"], meta["phase"],
-                 meta["samples_seen"])
-    return choice
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = Config.from_dict(loop_config["config"])
     run = RunPaths(loop_config["storage"], loop_config["name"])
@@ -224,7 +100,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     prepare_for_training(trainer, device, world_size)  # DDP (+ comm hook), then compile: see inpaint.distributed
 
     writer = RunWriter(run) if rank == 0 else None
-    keys = (SampleKeyLog(run.run, _broadcast(attempt_id()), rank, world_size)
+    keys = (SampleKeyLog(run.run, broadcast_object(attempt_id()), rank, world_size)
             if config.log.sample_keys else None)  # debug/test hook, see cluster/sample_keys.py
     # Checked on logging steps only: the ranks agree on time-based checkpoints at no per-step cost.
     cadence = CheckpointCadence(config.checkpoint.every_steps, config.checkpoint.every_minutes,
@@ -313,7 +189,7 @@ def _report(trainer: Trainer, loader: TrainLoader, losses: dict[str, torch.Tenso
     lists them all; rank 0 logs their count to TensorBoard (``data/skipped_samples``) and their
     keys to the run's ``skipped_samples.json``.
     """
-    loader.merge_skipped(set().union(*_gathered(sorted(loader.skipped_keys))))
+    loader.merge_skipped(set().union(*gather_objects(sorted(loader.skipped_keys))))
     metrics = {k: float(v) for k, v in losses.items()}
     metrics.update(step=trainer.step, samples_seen=trainer.samples_seen, phase=trainer.phase.value,
                    skipped_samples=len(loader.skipped_keys))

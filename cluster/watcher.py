@@ -30,6 +30,7 @@ from inpaint import checkpoint as ckpt
 from inpaint import evaluation as ev
 from inpaint import storage
 from inpaint.config import Config
+from inpaint.errors import one_line
 from inpaint.run_folder import CLAIM, CONFIG, UNLOADABLE, RunPaths, checkpoint_urls
 
 log = logging.getLogger("inpaint.evaluate")
@@ -132,7 +133,7 @@ class ClaimHeartbeat:
                     if not self._renew():
                         return
                 except Exception as exc:  # a store hiccup: the next beat tries again, well within the timeout
-                    log.warning("could not renew the claim on %s (%s)", self.folder, storage.reason(exc))
+                    log.warning("could not renew the claim on %s (%s)", self.folder, one_line(exc, typed=True))
 
     def _renew(self) -> bool:
         claim_url = storage.join(self.folder, CLAIM)

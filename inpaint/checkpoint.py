@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from inpaint import __version__
 from inpaint.config import Config, ConfigError
+from inpaint.errors import one_line
 
 META_FILE = "meta.json"
 CONFIG_FILE = "config.json"
@@ -54,11 +55,6 @@ class UnloadableCheckpoint(CheckpointError):
     """A checkpoint whose files match its meta.json but that cannot be loaded (truncated weights
     rehashed, a config edited to another model, a meta.json of the wrong shape). Unlike an
     incomplete one it will not get better by waiting: skip it and use an older checkpoint."""
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    return (text[:limit] or type(exc).__name__) if text else type(exc).__name__
 
 
 @dataclass
@@ -183,7 +179,7 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({_one_line(exc)})") from None
+        raise CheckpointError(f"{path}: unreadable ({one_line(exc)})") from None
     return check_meta_shape(meta, str(directory))
 
 
@@ -209,7 +205,7 @@ def verify_checkpoint(directory: str | os.PathLike, *, checksums: bool = True,
         try:
             digest = _sha256(path) if checksums else None
         except OSError as exc:  # not readable by this user, an I/O error
-            raise CheckpointError(f"{path}: cannot be read ({exc.strerror or _one_line(exc)})") from None
+            raise CheckpointError(f"{path}: cannot be read ({exc.strerror or one_line(exc)})") from None
         if checksums and digest != expected["sha256"]:
             raise CheckpointError(f"{directory}: corrupt checkpoint, {name} fails its sha256")
     return meta
@@ -236,13 +232,13 @@ def load_checkpoint(directory: str | os.PathLike, *, weights_only: bool = False)
     try:
         config = Config.from_dict(json.loads((root / CONFIG_FILE).read_text()))
     except (OSError, ConfigError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnloadableCheckpoint(f"{root / CONFIG_FILE}: invalid config ({_one_line(exc)})") from None
+        raise UnloadableCheckpoint(f"{root / CONFIG_FILE}: invalid config ({one_line(exc)})") from None
 
     def weights(name: str) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(root / name))
         except Exception as exc:  # SafetensorError (truncated, garbage), OSError
-            raise UnloadableCheckpoint(f"{root / name}: unreadable weights ({_one_line(exc)})") from None
+            raise UnloadableCheckpoint(f"{root / name}: unreadable weights ({one_line(exc)})") from None
 
     generator = weights(GENERATOR_FILE)
     generator_ema = weights(EMA_FILE) if EMA_FILE in meta.get("files", {}) else None
@@ -255,7 +251,7 @@ def load_checkpoint(directory: str | os.PathLike, *, weights_only: bool = False)
                 trainer = torch.load(root / TRAINER_FILE, map_location="cpu", weights_only=True)
             except Exception as exc:  # an unpickling refusal is a corrupt or hostile file
                 raise UnloadableCheckpoint(f"{root / TRAINER_FILE}: cannot be loaded safely "
-                                           f"({_one_line(exc)})") from None
+                                           f"({one_line(exc)})") from None
             if not isinstance(trainer, dict):
                 raise UnloadableCheckpoint(f"{root / TRAINER_FILE}: not a trainer state")
     return CheckpointContents(config=config, meta=meta, generator=generator,

@@ -10,7 +10,7 @@ broadcast per logging step and none on the others.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,24 @@ from inpaint.trainer import Trainer
 def grouped() -> bool:
     """Whether a process group of more than one rank is running (in one process: no collectives)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (the identity without a group)."""
+    if not grouped():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order (``[value]`` without a group)."""
+    if not grouped():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def _ddp(module: nn.Module, device: torch.device, comm: str) -> DistributedDataParallel:

@@ -28,10 +28,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid
 
 from inpaint import metrics
 from inpaint.masks import EVALUATION_MASK_KINDS, evaluation_masks, hole_bbox
+from inpaint.tensorboard import grid, png_bytes, show_hole
 
 FORMAT_VERSION = 1
 METRICS = ("psnr", "ssim", "hole_psnr", "l1", "hole_l1")
@@ -159,7 +159,7 @@ def evaluate_samples(complete: Completer, samples: Iterable[Sample], protocol: P
                                     "hole": f"{top},{left},{bottom - top},{right - left}",
                                     **{name: values[i] for name, values in figures.items()}})
                 if kind == GRID_KIND and position < GRID_IMAGES:
-                    masked = torch.where(masks[i] >= 0.5, images[i], 255).to(torch.uint8)  # white hole
+                    masked = show_hole(images[i], masks[i])
                     if post is None:
                         scores.grid[position] = (masked, completed[i], images[i])
                     else:
@@ -355,21 +355,17 @@ def render_report(document: dict[str, Any], previous: list[dict[str, Any]]) -> s
 def grid_image(scores: Scores) -> torch.Tensor:
     """uint8 (3, H, W) grid, one row per image: masked | completed | original, or for a post-processed
     model masked | raw | post-processed | biharmonic | original."""
-    rows = [scores.grid[position] for position in sorted(scores.grid)]
-    return make_grid(torch.stack([tile for row in rows for tile in row]), nrow=len(rows[0]), padding=2,
-                     pad_value=255)
+    return grid([scores.grid[position] for position in sorted(scores.grid)])
 
 
 def write_outputs(directory: str | Path, document: dict[str, Any], scores: Scores,
                   previous: list[dict[str, Any]]) -> None:
     """report.md, grid.png and per_image.csv into ``directory``; metrics.json (the completion mark) is the caller's."""
-    from PIL import Image
-
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_FILE).write_text(render_report(document, previous))
     if scores.grid:
-        Image.fromarray(grid_image(scores).permute(1, 2, 0).numpy()).save(out / GRID_FILE)
+        (out / GRID_FILE).write_bytes(png_bytes(grid_image(scores)))
     with open(out / PER_IMAGE_FILE, "w", newline="") as f:
         post = [POST + name for name in METRICS] if scores.rows and POST + METRICS[0] in scores.rows[0] else []
         writer = csv.DictWriter(f, fieldnames=["kind", "position", "key", "hole", *METRICS, *post])
@@ -379,15 +375,3 @@ def write_outputs(directory: str | Path, document: dict[str, Any], scores: Score
 
 def metrics_json(document: dict[str, Any]) -> str:
     return json.dumps(document, indent=2, sort_keys=True)
-
-
-def log_scalars(log_dir: str | Path, document: dict[str, Any], key: str = "metrics") -> None:
-    """eval/<kind>/<metric> means of ``document[key]`` (``metrics`` or ``metrics_postprocessed``) into a
-    TensorBoard folder, at the checkpoint's step: the same tags in every folder, so that TensorBoard
-    draws the raw model, the post-processed model and each baseline as runs of one chart."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(log_dir=str(log_dir)) as writer:
-        for kind, figures in document[key].items():
-            for name, summary in figures.items():
-                writer.add_scalar(f"eval/{kind}/{name}", summary["mean"], document["step"])

@@ -47,6 +47,7 @@ from PIL import Image
 from inpaint import checkpoint as ckpt
 from inpaint import storage
 from inpaint.config import Config
+from inpaint.errors import one_line
 from inpaint.models import Generator, build_generator
 from inpaint.run_folder import first_loadable
 from inpaint.hardware import resolve_device
@@ -116,8 +117,8 @@ def load_generator_model(url: str, weights: str = "ema") -> tuple[Generator, ckp
         generator = build_generator(contents.config.model)
         generator.load_state_dict(state)
     except Exception as exc:  # size mismatch, missing keys, a model the config cannot build
-        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise ckpt.UnloadableCheckpoint(f"{url}: weights do not fit the model of its config.json ({reason})") from None
+        raise ckpt.UnloadableCheckpoint(f"{url}: weights do not fit the model of its config.json "
+                                        f"({one_line(exc)})") from None
     return generator, contents
 
 

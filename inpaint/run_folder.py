@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from inpaint import storage
 from inpaint.checkpoint import CheckpointError, META_FILE, UnloadableCheckpoint, check_meta_shape
+from inpaint.errors import one_line
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -212,23 +213,47 @@ def locate_checkpoints(url: str) -> list[str]:
     return [candidate for candidate, _ in reversed(found)]
 
 
+def load_newest(candidates: Iterable[str], load: Callable[[str], T], *,
+                skip: tuple[type[BaseException], ...] = (CheckpointError,),
+                on_skip: Callable[[str, BaseException], None] | None = None) -> tuple[str, T] | None:
+    """(candidate, ``load(candidate)``) of the first of ``candidates`` (newest first) that loads; None if none does.
+
+    The one walk over "the newest checkpoint that loads": ``fill``, evaluation, serving, the
+    launcher's resume check and the training restore (its candidates: the run's checkpoints and
+    Ray's registered one) all go through it. A candidate whose ``load`` raises one of ``skip`` is
+    handed to ``on_skip`` (default: a one-line warning) and the next older one is tried.
+    """
+    for candidate in candidates:
+        try:
+            return candidate, load(candidate)
+        except skip as exc:
+            if on_skip is None:
+                log.warning("skipping %s: %s", storage.name(candidate), one_line(exc, 1000))
+            else:
+                on_skip(candidate, exc)
+    return None
+
+
 def first_loadable(url: str, load: Callable[[str], T]) -> tuple[str, T]:
     """(checkpoint URL, ``load(URL)``) of the newest checkpoint that ``url`` names that loads.
 
     A checkpoint URL is loaded as is (its error propagates). For a run folder each checkpoint,
-    newest first, is tried; one raising CheckpointError is skipped with a one-line warning.
+    newest first, is tried (:func:`load_newest`); one raising CheckpointError is skipped with a
+    one-line warning, and none loading is a CheckpointError naming the newest one's.
     """
     candidates = locate_checkpoints(url)
     if len(candidates) == 1 and candidates[0] == url:
         return url, load(url)
-    errors = []
-    for candidate in candidates:
-        try:
-            return candidate, load(candidate)
-        except CheckpointError as exc:
-            log.warning("skipping %s: %s", storage.name(candidate), exc)
-            errors.append(str(exc))
-    raise CheckpointError(f"{url}: none of its {len(candidates)} checkpoint(s) loads (newest: {errors[0]})")
+    errors: list[str] = []
+
+    def skipped(candidate: str, exc: BaseException) -> None:
+        log.warning("skipping %s: %s", storage.name(candidate), one_line(exc, 1000))
+        errors.append(str(exc))
+
+    found = load_newest(candidates, load, on_skip=skipped)
+    if found is None:
+        raise CheckpointError(f"{url}: none of its {len(candidates)} checkpoint(s) loads (newest: {errors[0]})")
+    return found
 
 
 def move_aside(checkpoint_url: str, reason: str) -> str:

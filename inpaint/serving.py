@@ -29,6 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from inpaint import storage
 from inpaint.checkpoint import META_FILE, CheckpointError
+from inpaint.errors import one_line
 from inpaint.inference import Inpainter, InpaintError, hole_array, image_array
 from inpaint.run_folder import checkpoint_urls, run_of_checkpoint
 
@@ -47,7 +48,7 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-        self.message = " ".join(str(message).split())
+        self.message = one_line(message, 1000)
 
 
 def decode_image(data: bytes, what: str, mode: str) -> Image.Image:

@@ -34,6 +34,8 @@ from urllib.parse import urlparse
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from inpaint.errors import one_line
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -56,12 +58,6 @@ class MissingObject(StorageError):
 
 
 # ------------------------------------------------------------------ errors and retries
-def reason(exc: BaseException) -> str:
-    """The first line of an exception, with its type: how every storage failure is worded."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 # A full disk, an exceeded quota, a read-only filesystem: waiting a few seconds fixes none of them.
 _PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
@@ -82,7 +78,7 @@ def with_retries(action: Callable[[], T], what: str, attempts: int = ATTEMPTS) -
             if _is_permanent(exc) or attempt == attempts:
                 raise
             delay = RETRY_BACKOFF_S * 2 ** (attempt - 1)
-            log.warning("%s failed (%s); retry %d/%d in %.1f s", what, reason(exc), attempt, attempts - 1, delay)
+            log.warning("%s failed (%s); retry %d/%d in %.1f s", what, one_line(exc, typed=True), attempt, attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -96,7 +92,7 @@ def _do(url: str, what: str, action: Callable[[], T]) -> T:
     except FileNotFoundError:
         raise MissingObject(f"{url}: not found") from None
     except Exception as exc:
-        raise StorageError(f"cannot {what} {url}: {reason(exc)}") from None
+        raise StorageError(f"cannot {what} {url}: {one_line(exc, typed=True)}") from None
 
 
 # ------------------------------------------------------------------ URLs
@@ -186,7 +182,7 @@ def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
     try:
         return fsspec.core.url_to_fs(url, **(storage_options or {}))
     except (ImportError, ValueError, TypeError) as exc:
-        raise StorageError(f"{url}: cannot open this URL ({reason(exc)})") from None
+        raise StorageError(f"{url}: cannot open this URL ({one_line(exc, typed=True)})") from None
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -518,7 +514,7 @@ def check_writable(url: str) -> None:
                                "credentials (buckets are never created: create it, or fix the name)") from None
         raise StorageError(f"storage {url} is not writable: {exc}") from None
     except Exception as exc:  # any client error means the same thing to the user
-        raise StorageError(f"storage {url} is not writable or not reachable: {reason(exc).split(': ', 1)[-1]}") \
+        raise StorageError(f"storage {url} is not writable or not reachable: {one_line(exc)}") \
             from None
 
 

@@ -34,6 +34,7 @@ from torch.profiler import record_function
 from inpaint import checkpoint as ckpt
 from inpaint.config import Config
 from inpaint.ema import GeneratorEMA
+from inpaint.errors import one_line
 from inpaint.hardware import default_bf16, default_channels_last, resolve_device
 from inpaint.losses import (
     contextual_loss,
@@ -43,6 +44,7 @@ from inpaint.losses import (
 )
 from inpaint.models import build_discriminator, build_generator, composite, crop_local
 from inpaint.phases import Phase, PhaseSchedule, lr_factor
+from inpaint.tensorboard import show_hole
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,7 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 def _unloadable(directory: str | Path, what: str, exc: Exception) -> ckpt.UnloadableCheckpoint:
     """``directory: what (the error in one line)``."""
-    reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-    return ckpt.UnloadableCheckpoint(f"{directory}: {what} ({reason})")
+    return ckpt.UnloadableCheckpoint(f"{directory}: {what} ({one_line(exc)})")
 
 
 def _without_ddp(module: nn.Module) -> nn.Module:
@@ -469,7 +470,7 @@ class Trainer:
 
     @torch.no_grad()
     def complete(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(masked input, completed, original) in [0, 1] for image grids; does not train."""
+        """(masked input with its hole drawn white, completed, original) in [0, 1] for image grids; does not train."""
         image, mask, _ = self._to_device(batch)
         generator = _unwrap(self.generator)
         was_training = generator.training
@@ -477,7 +478,7 @@ class Trainer:
         with self._autocast():
             prediction = generator(image, mask)
         generator.train(was_training)
-        return image * mask, composite(image, prediction.float(), mask), image
+        return show_hole(image, mask), composite(image, prediction.float(), mask), image
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from inpaint import storage
 from inpaint.config import VGG_LAYERS
+from inpaint.errors import one_line
 
 # Indices into torchvision's vgg16().features of the ReLU closing each conv stage.
 VGG_LAYER_INDEX = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22, "relu5_3": 29}
@@ -131,13 +132,12 @@ def _download_imagenet() -> dict[str, Tensor]:
     except VGGWeightsError:
         raise
     except Exception as error:  # network, proxy and disk errors all mean "not available here"
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise VGGWeightsError(f"cannot download the ImageNet VGG16 weights ({reason}); {_HOW_TO_PROVIDE}") from None
+        raise VGGWeightsError(f"cannot download the ImageNet VGG16 weights ({one_line(error, 1000)}); "
+                              f"{_HOW_TO_PROVIDE}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = " ".join(str(error).split())[:200]
-        raise VGGWeightsError(f"{path}: not a readable VGG16 state dict ({reason})") from None
+        raise VGGWeightsError(f"{path}: not a readable VGG16 state dict ({one_line(error, 200)})") from None
 
 
 def _read_file(spec: str) -> object:
@@ -154,8 +154,7 @@ def _read_file(spec: str) -> object:
             return load_safetensors(payload)
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = " ".join(str(error).split())[:200]
-        raise VGGWeightsError(f"{spec}: not a readable VGG16 state dict ({reason})") from None
+        raise VGGWeightsError(f"{spec}: not a readable VGG16 state dict ({one_line(error, 200)})") from None
 
 
 def load_vgg16_state_dict(spec: str) -> dict[str, Tensor] | None:

@@ -422,7 +422,7 @@ def test_files_unreadable_to_the_user_are_one_line(world, tmp_path, unreadable):
 
 # ------------------------------------------------------------------ 4. resume past an unloadable checkpoint
 def test_an_unloadable_newest_checkpoint_is_moved_aside_before_training_past_it(world, tmp_path, caplog):
-    from cluster import train_loop
+    from cluster import restore
     from inpaint import recipes
     from inpaint.trainer import Trainer
 
@@ -437,7 +437,7 @@ def test_an_unloadable_newest_checkpoint_is_moved_aside_before_training_past_it(
     (newest / ckpt.META_FILE).write_text(json.dumps(meta))
     before = tree_digest(newest)
     trainer = Trainer(recipes.get("debug"), device="cpu")
-    choice, _ = train_loop.choose_checkpoint(trainer, run_folder.RunPaths.of(str(run)), None)
+    choice, _ = restore.load_newest_checkpoint(trainer, run_folder.RunPaths.of(str(run)), None)
     assert storage.name(choice) == "checkpoint_000000002"
     aside = run / "checkpoint_000000004.unloadable"
     assert aside.is_dir() and [p.name for p in newest.iterdir()] == [run_folder.MOVED]
@@ -448,7 +448,7 @@ def test_an_unloadable_newest_checkpoint_is_moved_aside_before_training_past_it(
 
 
 def test_a_checkpoint_cut_short_by_a_full_disk_is_moved_aside_at_the_next_resume(world, tmp_path, caplog):
-    from cluster import train_loop
+    from cluster import restore
     from inpaint import recipes
     from inpaint.trainer import Trainer
 
@@ -456,7 +456,7 @@ def test_a_checkpoint_cut_short_by_a_full_disk_is_moved_aside_at_the_next_resume
     trainer_file = run / "checkpoint_000000004" / ckpt.TRAINER_FILE
     trainer_file.write_bytes(trainer_file.read_bytes()[:1000])
     trainer = Trainer(recipes.get("debug"), device="cpu")
-    choice, _ = train_loop.choose_checkpoint(trainer, run_folder.RunPaths.of(str(run)), None)
+    choice, _ = restore.load_newest_checkpoint(trainer, run_folder.RunPaths.of(str(run)), None)
     assert storage.name(choice) == "checkpoint_000000002"
     aside = run / "checkpoint_000000004.unloadable"
     assert aside.is_dir() and "trainer.pt of the wrong size" in (aside / run_folder.REASON).read_text()

@@ -29,7 +29,7 @@ def _free_port() -> int:
 
 
 def _restore(run: Path, rank: int, world_size: int) -> dict:
-    from cluster import train_loop
+    from cluster import restore
     from inpaint.run_folder import RunPaths
     from inpaint.config import Config
     from inpaint.trainer import Trainer
@@ -37,7 +37,7 @@ def _restore(run: Path, rank: int, world_size: int) -> dict:
     trainer = Trainer(Config.from_dict(json.loads((run / "config.json").read_text())), device="cpu",
                       world_size=world_size, rank=rank)
     try:
-        choice = train_loop.restore_latest(trainer, RunPaths(str(run.parent), run.name), None, rank=rank)
+        choice = restore.restore_latest(trainer, RunPaths(str(run.parent), run.name), None, rank=rank)
     except RuntimeError as exc:
         return {"error": str(exc)}
     return {"choice": choice, "step": trainer.step, "samples_seen": trainer.samples_seen}
@@ -48,16 +48,16 @@ def _rank_main(rank: int, world_size: int, port: int, agree_run: str, disagree_r
         torch.set_num_threads(1)
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                              world_size=world_size)
-        from cluster import train_loop
+        from cluster import restore
 
         results = {}
-        real_load = train_loop._load_url
+        real_load = restore._load_url
         if rank == 1:
             # Rank 1 never chooses: were it to list the run itself it could pick another step.
             def no_listing(run_url):
                 raise AssertionError("only rank 0 lists the run's checkpoints")
 
-            train_loop.checkpoint_urls = no_listing
+            restore.checkpoint_urls = no_listing
             failures = []
 
             def flaky_load(trainer, url, data):  # one transient read error, then the real read
@@ -66,7 +66,7 @@ def _rank_main(rank: int, world_size: int, port: int, agree_run: str, disagree_r
                     raise OSError("connection reset by peer")
                 return real_load(trainer, url, data)
 
-            train_loop._load_url = flaky_load
+            restore._load_url = flaky_load
         results["agree"] = _restore(Path(agree_run), rank, world_size)
         if rank == 1:
             results["retried"] = failures
@@ -74,7 +74,7 @@ def _rank_main(rank: int, world_size: int, port: int, agree_run: str, disagree_r
             def wrong_load(trainer, url, data):  # a rank that somehow loads another step
                 return real_load(trainer, url.replace(OLD, NEW) if OLD in url else url.replace(NEW, OLD), data)
 
-            train_loop._load_url = wrong_load
+            restore._load_url = wrong_load
         results["disagree"] = _restore(Path(disagree_run), rank, world_size)
         torch.distributed.destroy_process_group()
     except BaseException:

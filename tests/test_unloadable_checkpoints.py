@@ -4,7 +4,7 @@ Each corruption below leaves a checkpoint whose files match its meta.json (sizes
 updated, or a meta.json that is valid JSON of the wrong shape), so that only loading it can
 tell. Every consumer must skip it with one line and use the newest checkpoint that loads:
 ``python -m inpaint fill``, ``jobs/evaluate.py --checkpoint RUN``, ``--watch`` (which marks it
-and never leaves its CLAIM behind) and the training restore (``choose_checkpoint`` /
+and never leaves its CLAIM behind) and the training restore (``load_newest_checkpoint`` /
 ``restore_latest``, called here in-process without Ray workers).
 """
 
@@ -26,7 +26,7 @@ from PIL import Image
 from cluster import evaluator as cev
 from cluster import watcher
 from inpaint import run_folder
-from cluster import train_loop
+from cluster import restore
 from inpaint import checkpoint as ckpt
 from inpaint.config import Config
 from inpaint.inference import Inpainter
@@ -212,7 +212,7 @@ def test_restore_skips_the_unloadable_newest_and_resumes_from_the_previous(run, 
     RESTORE_CORRUPTIONS[corruption](run / NEW)
     caplog.set_level(logging.WARNING)
     trainer = _trainer(run)
-    choice = train_loop.restore_latest(trainer, _run_paths(run), None)
+    choice = restore.restore_latest(trainer, _run_paths(run), None)
     assert choice == str(run / OLD) and trainer.step == 2
     assert len(skip_warnings(caplog, NEW)) == 1
 
@@ -224,12 +224,12 @@ def test_a_corrupt_checkpoint_that_ray_registered_does_not_end_training(run, cor
     RESTORE_CORRUPTIONS[corruption](run / NEW)
     registered = ray.train.Checkpoint.from_directory(str(run / NEW))
     trainer = _trainer(run)
-    choice, meta = train_loop.choose_checkpoint(trainer, _run_paths(run), registered)
+    choice, meta = restore.load_newest_checkpoint(trainer, _run_paths(run), registered)
     assert choice == str(run / OLD) and meta["step"] == 2 and trainer.step == 2
     # Every checkpoint corrupt, Ray's included: a fresh start, not a crash.
     RESTORE_CORRUPTIONS[corruption](run / OLD)
     fresh = _trainer(run)
-    assert train_loop.choose_checkpoint(fresh, _run_paths(run), registered) == (None, None)
+    assert restore.load_newest_checkpoint(fresh, _run_paths(run), registered) == (None, None)
     assert fresh.step == 0
 
 
@@ -239,14 +239,14 @@ def test_ray_registered_checkpoint_is_tried_when_storage_cannot_be_listed(run, m
     def unreachable(run_url):
         raise OSError("connection reset")
 
-    monkeypatch.setattr(train_loop, "checkpoint_urls", unreachable)
+    monkeypatch.setattr(restore, "checkpoint_urls", unreachable)
     trainer = _trainer(run)
-    choice, meta = train_loop.choose_checkpoint(trainer, _run_paths(run), ray.train.Checkpoint.from_directory(
+    choice, meta = restore.load_newest_checkpoint(trainer, _run_paths(run), ray.train.Checkpoint.from_directory(
         str(run / NEW)))
-    assert choice == train_loop.REGISTERED and meta["step"] == 4 and trainer.step == 4
+    assert choice == restore.REGISTERED and meta["step"] == 4 and trainer.step == 4
     truncated_generator(run / NEW)
     fresh = _trainer(run)
-    assert train_loop.choose_checkpoint(fresh, _run_paths(run), ray.train.Checkpoint.from_directory(
+    assert restore.load_newest_checkpoint(fresh, _run_paths(run), ray.train.Checkpoint.from_directory(
         str(run / NEW))) == (None, None)
 
 
@@ -258,7 +258,7 @@ def test_restore_resumes_from_weights_that_fit_this_run(run, caplog):
     other_width(run / NEW)
     caplog.set_level(logging.WARNING)
     trainer = _trainer(run)
-    assert train_loop.restore_latest(trainer, _run_paths(run), None) == str(run / NEW) and trainer.step == 4
+    assert restore.restore_latest(trainer, _run_paths(run), None) == str(run / NEW) and trainer.step == 4
     assert any("config differs" in record.getMessage() for record in caplog.records)
 
 

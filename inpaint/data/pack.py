@@ -33,6 +33,7 @@ from inpaint.data.index import INDEX_NAME, DatasetIndex, ShardInfo, SplitInfo
 from inpaint.data.shards import parse_shard, write_shard
 from inpaint.data.sources import SourceImage, open_source
 from inpaint.data.errors import DataError, as_data_errors
+from inpaint.errors import one_line
 from inpaint.storage import Output
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def _check(image: SourceImage) -> CheckedImage | str:
     try:
         return CheckedImage(image, *_inspect(image.read()))
     except Exception as exc:  # PIL raises many types for damaged files; each just means "skip it"
-        return f"unreadable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        return f"unreadable image ({one_line(exc)})"
 
 
 def _check_all(images: list[SourceImage], progress: bool) -> tuple[list[CheckedImage], list[tuple[str, str]]]:

@@ -25,6 +25,7 @@ from torchvision.transforms.v2.functional import resize
 from inpaint.data.errors import DataError
 from inpaint.data.index import DatasetIndex, ShardInfo, SplitInfo, load_index
 from inpaint.data.shards import parse_shard
+from inpaint.errors import one_line
 from inpaint.storage import StorageError, read_into
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def decode(data: torch.Tensor, jpeg: bool | None = None) -> torch.Tensor:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
             array = np.asarray(image.convert("RGB"))
     except Exception as exc:  # PIL raises many types for damaged data
-        raise ValueError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        raise ValueError(one_line(exc)) from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
