@@ -36,16 +36,16 @@ from cluster import sample_keys  # noqa: E402
 from cluster.local_cluster import LocalCluster  # noqa: E402
 
 EVERY = 4
-COMMON = ["--recipe", "debug", "--no-evaluate", "--max-failures", "3", "--set", f"checkpoint.every_steps={EVERY}",
+COMMON = ["--recipe", "debug", "--no-evaluate", "--max-failures", "3", "--verbose", "--set", f"checkpoint.every_steps={EVERY}",
           "--set", "schedule.joint_steps=100000", "--set", "log.sample_keys=true", "--set", "log.every_steps=1"]
 
 
 def placements(text: str) -> list[tuple[int, int, int]]:
-    return [(int(p), int(r), int(w)) for p, r, w in re.findall(r"pid=(\d+)[^)]*\)\S* rank (\d+) of (\d+) on node", text)]
+    return [(int(p), int(r), int(w)) for p, r, w in re.findall(r"pid=(\d+)[^)]*\).*? rank (\d+) of (\d+) on node", text)]
 
 
 def last_step_of(text: str, pid: int) -> int:
-    steps = [int(s) for s in re.findall(rf"pid={pid}[^)]*\)\S* step (\d+) phase", text)]
+    steps = [int(s) for s in re.findall(rf"pid={pid}[^)]*\)\S* \[inpaint\] step (\d+)/", text)]
     return max(steps) if steps else 0
 
 

@@ -76,7 +76,7 @@ def kill_to_resume_seconds(data: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as storage, tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
         process = subprocess.Popen(
             [sys.executable, str(REPO / "jobs" / "train.py"), "--data", data, "--storage", storage,
-             "--name", "kill", "--workers", "2", "--set", "schedule.joint_steps=200",
+             "--name", "kill", "--verbose", "--workers", "2", "--set", "schedule.joint_steps=200",
              "--set", "checkpoint.every_steps=10"], stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
         try:
             victim = None
@@ -99,7 +99,7 @@ def kill_to_resume_seconds(data: str) -> dict[str, float]:
                 tail = Path(log.name).read_text()[offset:]
                 if resumed is None and "resumed from" in tail:
                     resumed = time.monotonic() - killed_at
-                if resumed is not None and re.search(r"resumed from.*\n(.*\n)*.*step \d+ phase", tail):
+                if resumed is not None and re.search(r"resumed from.*\n(.*\n)*.*step \d+/\d+", tail):
                     stepped = time.monotonic() - killed_at
         finally:
             process.kill()

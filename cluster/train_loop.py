@@ -210,5 +210,5 @@ def _report(trainer: Trainer, loader: TrainLoader, losses: dict[str, torch.Tenso
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(trainer.step),
                      checkpoint_upload_mode=CheckpointUploadMode.ASYNC, delete_local_checkpoint_after_upload=True)
     if rank == 0:
-        log.info("checkpoint %s saved (step %d, phase %s)", checkpoint_name(trainer.step), trainer.step,
+        log.info("checkpoint %s reported (step %d, phase %s)", checkpoint_name(trainer.step), trainer.step,
                  trainer.phase.value)

@@ -12,7 +12,7 @@ A model is scored twice on the same images and holes: its raw completion (``metr
 completion users get from ``fill``, post-processed as GLCIC does (``metrics_postprocessed``:
 :func:`inpaint.inference.poisson_blend`). Classical baselines are scored once.
 
-Everything here runs in one process on local folders; ``cluster/evaluation.py`` spreads
+Everything here runs in one process on local folders; ``cluster/evaluator.py`` spreads
 :func:`evaluate_samples` over Ray workers and moves the files to and from storage.
 """
 

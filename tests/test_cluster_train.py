@@ -85,7 +85,7 @@ def test_two_workers_train_all_phases_from_s3_to_s3_and_a_rerun_does_no_work(s3_
     assert "TrainingReport(" not in console and "(RayTrainWorker" not in console, console[-3000:]
     assert not re.search(r"\] [\w/.-]+\.cc:\d+:", console), console[-3000:]
     assert re.search(r"^step 20/20 \(100%\) joint \| .*g_adv=.* img/s \| ETA \S+$", first.stdout, re.M), first.stdout
-    assert re.search(r"^checkpoint checkpoint_000000020 saved \(step 20, phase done\)$", first.stdout, re.M)
+    assert re.search(r"^checkpoint checkpoint_000000020 reported \(step 20, phase done\)$", first.stdout, re.M)
 
     fs = s3fs.S3FileSystem()
     run_root = f"{s3_bucket[5:]}/runs/s3run"
@@ -121,7 +121,7 @@ def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint(sample_dataset, tm
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(
             [sys.executable, TRAIN, "--recipe", "debug", "--data", sample_dataset, "--storage", str(storage),
-             "--name", "killed",
+             "--name", "killed", "--verbose",  # Ray's own lines name each rank's pid: the victim's
              "--workers", "2", "--max-failures", "2", "--set", "schedule.joint_steps=60",
              "--set", "checkpoint.every_steps=4"],
             stdout=log_file, stderr=subprocess.STDOUT, text=True, cwd=REPO)

@@ -26,7 +26,8 @@ from cluster.local_cluster import LocalCluster
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 EVERY = 4  # checkpoint interval of the fixed runs
-FIXED = ("--recipe", "debug", "--workers", "2", "--no-evaluate", "--max-failures", "3",
+# --verbose: Ray's prefixes and every rank's "rank R of W on node N" line, which these tests read.
+FIXED = ("--recipe", "debug", "--workers", "2", "--no-evaluate", "--max-failures", "3", "--verbose",
          "--set", f"checkpoint.every_steps={EVERY}", "--set", "schedule.joint_steps=16",  # 8 + 4 + 16 = 28 steps
          "--set", "log.sample_keys=true", "--set", "log.every_steps=1")
 FIXED_STEPS = 28
@@ -151,7 +152,7 @@ def run_state(bucket: str, name: str) -> dict:
 def placements(text: str) -> list[tuple[int, int, int, str]]:
     """(pid, rank, world size, Ray node id) of every "rank R of W on node N" line, in log order."""
     return [(int(pid), int(rank), int(world), node) for pid, rank, world, node in
-            re.findall(r"pid=(\d+)[^)]*\)\S* rank (\d+) of (\d+) on node ([0-9a-f]+)", text)]
+            re.findall(r"pid=(\d+)[^)]*\).*? rank (\d+) of (\d+) on node ([0-9a-f]+)", text)]
 
 
 def resumed_steps(text: str) -> list[int]:
@@ -326,7 +327,7 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_on_a_new_node_keeping_the_da
         cluster, data, bucket):
     assert len(cluster.worker_nodes) == 3
     args = ["--recipe", "debug", "--data", data, "--storage", f"{bucket}/runs", "--name", "elastic",
-            "--workers", "1-3", "--resize-interval", "5", "--no-evaluate", "--max-failures", "3"]
+            "--workers", "1-3", "--resize-interval", "5", "--no-evaluate", "--max-failures", "3", "--verbose"]
     for item in ELASTIC_SETS:
         args += ["--set", item]
     sid = cluster.submit(args, "elastic")
