@@ -11,28 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from inpaint import Inpainter, export as export_module, recipes
+from inpaint import Inpainter, export as export_module
 from inpaint.__main__ import main
 from inpaint.export import Completion, ExportError, export
-from inpaint.masks import MaskSampler
-from inpaint.trainer import Trainer
+from tests.serve_harness import debug_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     """A debug-recipe checkpoint after two training steps (batch-norm statistics away from their init)."""
-    torch.manual_seed(0)
-    config = recipes.get("debug")
-    trainer = Trainer(config, device="cpu")
-    sampler = MaskSampler(config.mask, 32, 16)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        masks, boxes = sampler.batch(4, generator)
-        images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=generator)
-        trainer.train_step({"image": images, "mask": masks, "box": boxes})
-    folder = tmp_path_factory.mktemp("export") / "run" / "checkpoint_000000002"
-    trainer.save(folder)
-    return str(folder)
+    folder = debug_checkpoint(tmp_path_factory.mktemp("export") / "run", (2,))
+    return str(folder / "checkpoint_000000002")
 
 
 @pytest.fixture(scope="module")
