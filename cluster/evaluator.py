@@ -265,7 +265,7 @@ def evaluate_subject(subject: Subject, request: EvaluationRequest, output: str,
         document["untrained_holes"] = untrained
     publish(output, document, scores)
     if subject.generator is not None:
-        run_url = run_of_checkpoint(subject.info["checkpoint"]).run
+        run_url = run_of_checkpoint(subject.info["checkpoint"]).url
         if is_run_folder(run_url):
             log_to_tensorboard(run_url, document)
     return EvaluationResult(output, document)
@@ -365,7 +365,7 @@ def compare_with_baselines(url: str, request: EvaluationRequest,
                 continue
             result = evaluate_subject(Subject({"baseline": name}, subject.model, subject.config),
                                       replace(request, output=None), output, planned)
-        if is_run_folder(run.run):
-            log_to_tensorboard(run.run, {**result.document, "step": subject.info["step"]}, f"eval-{baseline_name(name)}")
+        if is_run_folder(run.url):
+            log_to_tensorboard(run.url, {**result.document, "step": subject.info["step"]}, f"eval-{baseline_name(name)}")
         done.append(result)
     return Comparison(evaluate_subject(subject, replace(request, output=None), model_output, planned), done, skipped)

@@ -20,7 +20,7 @@ from inpaint import recipes, storage
 from inpaint.cli import check_run_name
 from inpaint.config import RESUMABLE, Config, ConfigError, apply_overrides
 from inpaint.errors import one_line
-from inpaint.run_folder import RunPaths, checkpoint_urls, load_newest
+from inpaint.run_folder import RunPaths, complete_checkpoints, load_newest
 from inpaint.storage import normalize
 
 log = logging.getLogger("inpaint.launch")
@@ -279,13 +279,13 @@ def _existing_config(request: TrainRequest) -> tuple[Config | None, str]:
         except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and ConfigError are ValueErrors
             raise UserError(f"run {request.name}: {run.config} is unreadable ({one_line(exc, 200)}); "
                             "fix or remove it, or use a new --name") from None
-        newest_first = [storage.join(url, CONFIG_FILE) for url, _ in reversed(checkpoint_urls(run.run))]
+        newest_first = [storage.join(url, CONFIG_FILE) for url, _ in reversed(complete_checkpoints(run.url))]
         found = load_newest(newest_first, read, skip=(storage.MissingObject, ValueError, UnicodeDecodeError),
                             on_skip=lambda url, exc: None)  # that checkpoint will not be resumed from either
         if found is not None:
             return found[1], found[0]
     except storage.StorageError as exc:  # unreachable storage, bad credentials, a file where a folder should be
-        raise UserError(f"storage {run.run} is not readable or not reachable: {exc}") from None
+        raise UserError(f"storage {run.url} is not readable or not reachable: {exc}") from None
     return None, ""
 
 
@@ -345,7 +345,7 @@ def _check_ray_snapshot(request: TrainRequest) -> None:
 
     from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
 
-    url = storage.join(request.run.run, RAY_SNAPSHOT)
+    url = storage.join(request.run.url, RAY_SNAPSHOT)
     try:
         raw = storage.read_bytes(url, limit=storage.JSON_LIMIT)
     except storage.MissingObject:
@@ -423,7 +423,7 @@ def run_training(request: TrainRequest) -> TrainSummary:
     _check_vgg_weights(request)
     check_resume(request)
     try:
-        storage.check_writable(request.run.run)
+        storage.check_writable(request.run.url)
     except storage.StorageError as exc:
         raise UserError(str(exc)) from None
     _check_ray_snapshot(request)
@@ -450,7 +450,7 @@ def run_training(request: TrainRequest) -> TrainSummary:
     # The run folder, not Ray's result, says where the run stands: Ray's record can lag it (a job
     # killed between upload and registration), and a run found finished reports no new checkpoint.
     step = phase = location = None
-    found = checkpoint_urls(request.run.run)
+    found = complete_checkpoints(request.run.url)
     if found:  # the newest complete checkpoint: the one the next resume starts from
         location, meta = found[-1]
         step, phase = meta.get("step"), meta.get("phase")

@@ -19,7 +19,7 @@ from inpaint import storage
 from inpaint.checkpoint import CheckpointError
 from inpaint.distributed import broadcast_object, gather_objects
 from inpaint.errors import one_line
-from inpaint.run_folder import RunPaths, checkpoint_urls, load_newest, move_aside
+from inpaint.run_folder import RunPaths, complete_checkpoints, load_newest, move_aside
 from inpaint.trainer import Stateful, Trainer
 
 log = logging.getLogger("inpaint.train")
@@ -69,9 +69,9 @@ def load_newest_checkpoint(trainer: Trainer, run: RunPaths, registered: ray.trai
     registered_name = storage.name(registered.path) if registered is not None else None
     rejected: list[tuple[str, str]] = []  # folders with a marker that is not trusted (a copy cut short)
     try:
-        listed = [url for url, _ in reversed(checkpoint_urls(run.run, rejected))]  # newest step first
+        listed = [url for url, _ in reversed(complete_checkpoints(run.url, rejected))]  # newest step first
     except Exception as exc:  # storage unreachable right now: Ray's own record is still worth a try
-        log.warning("cannot list the checkpoints of %s (%s); trying Ray's registered checkpoint", run.run, exc)
+        log.warning("cannot list the checkpoints of %s (%s); trying Ray's registered checkpoint", run.url, exc)
         listed = []
     for url, reason in rejected:  # no writer is left at a restore: these will never complete
         _set_aside(url, reason, skip_logged=True)
@@ -94,7 +94,7 @@ def load_newest_checkpoint(trainer: Trainer, run: RunPaths, registered: ray.trai
     if found is not None:
         return found
     if listed or registered is not None:
-        log.warning("no checkpoint of %s loads; starting from scratch", run.run)
+        log.warning("no checkpoint of %s loads; starting from scratch", run.url)
     return None, None
 
 

@@ -100,7 +100,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     prepare_for_training(trainer, device, world_size)  # DDP (+ comm hook), then compile: see inpaint.distributed
 
     writer = RunWriter(run) if rank == 0 else None
-    keys = (SampleKeyLog(run.run, broadcast_object(attempt_id()), rank, world_size)
+    keys = (SampleKeyLog(run.url, broadcast_object(attempt_id()), rank, world_size)
             if config.log.sample_keys else None)  # debug/test hook, see cluster/sample_keys.py
     # Checked on logging steps only: the ranks agree on time-based checkpoints at no per-step cost.
     cadence = CheckpointCadence(config.checkpoint.every_steps, config.checkpoint.every_minutes,

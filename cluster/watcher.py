@@ -31,7 +31,7 @@ from inpaint import evaluation as ev
 from inpaint import storage
 from inpaint.config import Config
 from inpaint.errors import one_line
-from inpaint.run_folder import CLAIM, CONFIG, UNLOADABLE, RunPaths, checkpoint_urls
+from inpaint.run_folder import CLAIM, CONFIG, UNLOADABLE, RunPaths, complete_checkpoints
 
 log = logging.getLogger("inpaint.evaluate")
 
@@ -181,7 +181,7 @@ def run_data_url(run_url: str) -> str:
 
 def _list_checkpoints(run_url: str) -> list[tuple[str, dict[str, Any]]]:
     try:
-        checkpoints = checkpoint_urls(run_url)
+        checkpoints = complete_checkpoints(run_url)
     except storage.StorageError as exc:  # unreachable storage, bad credentials
         raise storage.StorageError(f"{run_url}: cannot be listed ({exc})") from None
     if not checkpoints:
@@ -244,12 +244,12 @@ def watch(run_url: str, request: EvaluationRequest, *, interval: float | None = 
     """Evaluate each not yet evaluated checkpoint of a run; with ``interval``, poll until the run is done."""
     run = RunPaths.of(storage.normalize(run_url))
     if not request.data:
-        request = replace(request, data=run_data_url(run.run))
+        request = replace(request, data=run_data_url(run.url))
     owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     summary = WatchSummary()
     while True:
         summary.polls += 1
-        checkpoints = _list_checkpoints(run.run)
+        checkpoints = _list_checkpoints(run.url)
         for checkpoint_url, _ in checkpoints:
             folder = run.evaluation(storage.name(checkpoint_url))
             if _done(folder):
@@ -262,5 +262,5 @@ def watch(run_url: str, request: EvaluationRequest, *, interval: float | None = 
         summary.finished = bool(checkpoints) and checkpoints[-1][1].get("phase") == "done"
         if interval is None or summary.finished or (max_polls is not None and summary.polls >= max_polls):
             return summary
-        log.info("waiting %.0f s for new checkpoints of %s", interval, run.run)
+        log.info("waiting %.0f s for new checkpoints of %s", interval, run.url)
         time.sleep(interval)

@@ -216,14 +216,6 @@ def inference_files(meta: dict[str, Any]) -> tuple[str, ...]:
     return (*INFERENCE_FILES, *((EMA_FILE,) if EMA_FILE in meta.get("files", {}) else ()))
 
 
-def is_complete(directory: str | os.PathLike) -> bool:
-    try:
-        verify_checkpoint(directory, checksums=False)
-    except CheckpointError:
-        return False
-    return True
-
-
 def load_checkpoint(directory: str | os.PathLike, *, weights_only: bool = False) -> CheckpointContents:
     """Load a verified checkpoint; ``weights_only`` reads (and needs) only the generator(s) and config."""
     meta = verify_checkpoint(directory, files=inference_files(read_meta(directory)) if weights_only else None)

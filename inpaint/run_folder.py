@@ -67,16 +67,17 @@ class RunPaths:
         return cls(storage.parent(run_url), storage.name(run_url))
 
     @property
-    def run(self) -> str:
+    def url(self) -> str:
+        """The run folder itself."""
         return storage.join(self.storage, self.name)
 
     @property
     def config(self) -> str:
-        return storage.join(self.run, CONFIG)
+        return storage.join(self.url, CONFIG)
 
     @property
     def tensorboard(self) -> str:
-        return storage.join(self.run, TENSORBOARD)
+        return storage.join(self.url, TENSORBOARD)
 
     def events(self, folder: str) -> str:
         """A TensorBoard run beside training's, e.g. ``eval`` or ``eval-baseline-telea``."""
@@ -84,7 +85,7 @@ class RunPaths:
 
     @property
     def samples(self) -> str:
-        return storage.join(self.run, SAMPLES)
+        return storage.join(self.url, SAMPLES)
 
     def sample(self, step: int) -> str:
         return storage.join(self.samples, f"step_{step:08d}.png")
@@ -97,11 +98,11 @@ class RunPaths:
     @property
     def checkpoint_pattern(self) -> str:
         """What the run's checkpoint folders look like, for a person to read (``RUN/checkpoint_*``)."""
-        return storage.join(self.run, f"{CHECKPOINT_PREFIX}*")
+        return storage.join(self.url, f"{CHECKPOINT_PREFIX}*")
 
     @property
     def evaluations(self) -> str:
-        return storage.join(self.run, EVALUATIONS)
+        return storage.join(self.url, EVALUATIONS)
 
     def evaluation(self, name: str) -> str:
         """RUN/evaluations/<name>: a checkpoint's name, or :func:`baseline_name`."""
@@ -109,15 +110,15 @@ class RunPaths:
 
     @property
     def stopped(self) -> str:
-        return storage.join(self.run, STOPPED)
+        return storage.join(self.url, STOPPED)
 
     @property
     def skipped_samples(self) -> str:
-        return storage.join(self.run, SKIPPED_SAMPLES)
+        return storage.join(self.url, SKIPPED_SAMPLES)
 
     @property
     def sample_keys(self) -> str:
-        return storage.join(self.run, SAMPLE_KEYS)
+        return storage.join(self.url, SAMPLE_KEYS)
 
     def sample_key_file(self, attempt: int, rank: int, world_size: int, step: int) -> str:
         """One rank's sample-key records of one attempt, up to ``step`` (cluster/sample_keys.py)."""
@@ -161,7 +162,7 @@ def incomplete_files(folder_url: str, meta: dict[str, Any]) -> list[str]:
             if name in sizes and sizes[name] != entry.get("bytes")]
 
 
-def checkpoint_urls(run_url: str, rejected: list[tuple[str, str]] | None = None) -> list[tuple[str, dict[str, Any]]]:
+def complete_checkpoints(run_url: str, rejected: list[tuple[str, str]] | None = None) -> list[tuple[str, dict[str, Any]]]:
     """(URL, meta) of each complete checkpoint directly under a run folder, oldest step first.
 
     Complete: a meta.json of the right shape, and no file it lists present at another size.
@@ -207,7 +208,7 @@ def locate_checkpoints(url: str) -> list[str]:
         return [url]
     if not storage.isdir(url):
         raise CheckpointError(f"{url}: no such checkpoint or run folder")
-    found = checkpoint_urls(url)
+    found = complete_checkpoints(url)
     if not found:
         raise CheckpointError(f"{url}: not a checkpoint, and holds no complete {CHECKPOINT_PREFIX}* folder")
     return [candidate for candidate, _ in reversed(found)]

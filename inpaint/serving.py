@@ -31,7 +31,7 @@ from inpaint import storage
 from inpaint.checkpoint import META_FILE, CheckpointError
 from inpaint.errors import one_line
 from inpaint.inference import Inpainter, InpaintError, hole_array, image_array
-from inpaint.run_folder import checkpoint_urls, run_of_checkpoint
+from inpaint.run_folder import complete_checkpoints, run_of_checkpoint
 
 log = logging.getLogger("inpaint.serve")
 
@@ -236,7 +236,7 @@ class CheckpointFollower:
 
     def candidates(self) -> list[str]:
         """Checkpoints better than the one served, best first."""
-        found = [url for url, _ in checkpoint_urls(self.run_url) if url not in self.rejected]
+        found = [url for url, _ in complete_checkpoints(self.run_url) if url not in self.rejected]
         if self.mode == "newest":
             names = [storage.name(url) for url in found]
             current = storage.name(self.current_url)
@@ -275,7 +275,7 @@ class CheckpointFollower:
 
 def run_folder_of(url: str) -> str:
     """The run folder of a checkpoint URL, or the URL itself when it is a run folder."""
-    return run_of_checkpoint(url).run if storage.isfile(storage.join(url, META_FILE)) else url
+    return run_of_checkpoint(url).url if storage.isfile(storage.join(url, META_FILE)) else url
 
 
 __all__ = ["Answer", "RequestError", "InpaintService", "ModelSlot", "LoadedModel", "CheckpointFollower", "load_model",

@@ -11,7 +11,6 @@ import hashlib
 import importlib.util
 import io
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,22 +77,31 @@ def tree_digest(*roots: str | os.PathLike) -> dict[str, str]:
     return found
 
 
-def train_debug_run(run: Path, data_url: str, save_at: tuple[int, ...] = (2, 4)) -> Path:
-    """A run folder with debug-recipe checkpoints at the given steps and the run's config.json (no Ray)."""
+def train_debug_run(run: Path, data_url: str | None = None, save_at: tuple[int, ...] = (2, 4),
+                    batch_size: int = 4) -> Path:
+    """A run folder with debug-recipe checkpoints at the given steps and the run's config.json.
+
+    Random images, no data loader, no Ray: about a second a step. Seeded, so every call with the
+    same arguments writes the same weights. ``data_url`` is recorded as the run's dataset (for
+    tests that resume or evaluate it); without one the recipe's own stays.
+    """
     import torch
 
     from inpaint import recipes
     from inpaint.masks import MaskSampler
     from inpaint.trainer import Trainer
 
+    torch.manual_seed(0)
     config = recipes.get("debug")
-    config = config.replace(data=type(config.data)(**{**vars(config.data), "url": data_url}))
+    if data_url is not None:
+        config = config.replace(data=type(config.data)(**{**vars(config.data), "url": data_url}))
     trainer = Trainer(config, device="cpu")
-    sampler = MaskSampler(config.mask, config.model.image_size, config.model.local_size)
+    size = config.model.image_size
+    sampler = MaskSampler(config.mask, size, config.model.local_size)
     generator = torch.Generator().manual_seed(0)
     for _ in range(max(save_at)):
-        masks, boxes = sampler.batch(4, generator)
-        images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=generator)
+        masks, boxes = sampler.batch(batch_size, generator)
+        images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=generator)
         trainer.train_step({"image": images, "mask": masks, "box": boxes})
         if trainer.step in save_at:
             trainer.save(run / f"checkpoint_{trainer.step:09d}")

@@ -1,4 +1,4 @@
-"""Shared fixtures: a local S3 (moto) endpoint, real photographs, a packed sample dataset.
+"""Shared fixtures: a local S3 (moto) endpoint, real photographs, a packed sample dataset, a trained debug run.
 
 Tests that use ``s3_server`` (directly or through ``s3_bucket``) get the ``s3`` marker
 automatically, so ``-m "not s3"`` deselects them.
@@ -108,3 +108,20 @@ def sample_dataset(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("sample-dataset") / "sample"
     pack_dataset("sample", None, str(path), progress=False)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def template_run(tmp_path_factory, sample_dataset):
+    """A debug-recipe run folder with checkpoints at steps 2 and 4 (tests/corruptions.py's OLD, NEW); never changed."""
+    from tests.cli_harness import train_debug_run
+
+    return train_debug_run(tmp_path_factory.mktemp("template") / "run", sample_dataset)
+
+
+@pytest.fixture
+def run(template_run, tmp_path):
+    """A fresh copy of ``template_run`` that a test may evaluate into, corrupt or resume."""
+    import shutil
+    from pathlib import Path
+
+    return Path(shutil.copytree(template_run, tmp_path / "run"))

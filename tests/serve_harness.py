@@ -42,27 +42,10 @@ def running_app(checkpoint_url: str, **options) -> Iterator[str]:
 
 
 def debug_checkpoint(folder: Path, steps: tuple[int, ...] = (1,)) -> Path:
-    """A run folder with debug-recipe checkpoints at ``steps`` (a second or so each, no data, no Ray)."""
-    import torch
+    """A run folder with debug-recipe checkpoints at ``steps``, trained at batch 2 (tests/cli_harness.py)."""
+    from tests.cli_harness import train_debug_run
 
-    from inpaint import recipes
-    from inpaint.masks import MaskSampler
-    from inpaint.trainer import Trainer
-
-    torch.manual_seed(0)
-    config = recipes.get("debug")
-    trainer = Trainer(config, device="cpu")
-    sampler = MaskSampler(config.mask, config.model.image_size, config.model.local_size)
-    generator = torch.Generator().manual_seed(0)
-    size = config.model.image_size
-    for _ in range(max(steps)):
-        masks, boxes = sampler.batch(2, generator)
-        images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=generator)
-        trainer.train_step({"image": images, "mask": masks, "box": boxes})
-        if trainer.step in steps:
-            trainer.save(folder / f"checkpoint_{trainer.step:09d}")
-    (folder / "config.json").write_text(config.to_json())
-    return folder
+    return train_debug_run(folder, save_at=steps, batch_size=2)
 
 
 def png(array: np.ndarray) -> bytes:

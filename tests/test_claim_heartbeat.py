@@ -12,15 +12,13 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from cluster import evaluator as cev
 from cluster import watcher
 from inpaint import run_folder
-from tests.test_unloadable_checkpoints import NEW, OLD, run, template_run  # noqa: F401  (fixtures)
+from tests.corruptions import NEW, OLD
 
 TIMEOUT_S = 1.0  # far shorter than the slowed evaluation below
-
 
 
 def test_a_renewed_claim_is_never_stale_and_a_stopped_one_goes_stale(tmp_path):

@@ -23,21 +23,8 @@ from inpaint import evaluation as ev
 from inpaint.baselines import BaselineError, biharmonic, telea
 from inpaint.masks import evaluation_masks
 from jobs import evaluate as job
-from tests.cli_harness import train_debug_run
 
 IMAGES = 12
-
-
-@pytest.fixture(scope="module")
-def template_run(tmp_path_factory, sample_dataset) -> Path:
-    torch.manual_seed(0)
-    return train_debug_run(tmp_path_factory.mktemp("template") / "run", sample_dataset)
-
-
-@pytest.fixture
-def run(template_run, tmp_path) -> Path:
-    """A fresh copy of the trained run that a test may evaluate into or change."""
-    return Path(shutil.copytree(template_run, tmp_path / "run"))
 
 
 def request(**overrides) -> cev.EvaluationRequest:
@@ -348,14 +335,14 @@ def test_two_watchers_at_once_evaluate_each_checkpoint_exactly_once(run, monkeyp
 
 
 def test_watch_skips_a_checkpoint_deleted_after_listing(run, monkeypatch):
-    listed = run_folder.checkpoint_urls
+    listed = run_folder.complete_checkpoints
 
     def list_then_retention(run_url):
         found = listed(run_url)
         shutil.rmtree(found[0][0])  # Ray's retention removes the oldest while the watcher works
         return found
 
-    monkeypatch.setattr(watcher, "checkpoint_urls", list_then_retention)
+    monkeypatch.setattr(watcher, "complete_checkpoints", list_then_retention)
     summary = watcher.watch(str(run), request(num_images=4))
     assert summary.skipped == ["checkpoint_000000002"] and summary.evaluated == ["checkpoint_000000004"]
 

@@ -10,30 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from inpaint import Inpainter, recipes
+from inpaint import Inpainter
 from inpaint.__main__ import main
 from inpaint.checkpoint import CheckpointError
 from inpaint.inference import InpaintError, hole_array
-from inpaint.masks import MaskSampler
-from inpaint.trainer import Trainer
+from tests.cli_harness import train_debug_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A run folder with two debug-recipe checkpoints (steps 1 and 3)."""
-    torch.manual_seed(0)
-    config = recipes.get("debug")
-    trainer = Trainer(config, device="cpu")
-    sampler = MaskSampler(config.mask, 32, 16)
-    generator = torch.Generator().manual_seed(0)
-    folder = tmp_path_factory.mktemp("inference") / "run"
-    for _ in range(3):
-        masks, boxes = sampler.batch(4, generator)
-        images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=generator)
-        trainer.train_step({"image": images, "mask": masks, "box": boxes})
-        if trainer.step in (1, 3):
-            trainer.save(folder / f"checkpoint_{trainer.step:09d}")
-    return folder
+    return train_debug_run(tmp_path_factory.mktemp("inference") / "run", save_at=(1, 3))
 
 
 @pytest.fixture(scope="module")

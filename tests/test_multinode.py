@@ -286,7 +286,7 @@ def test_ray_job_stop_and_the_same_submit_resume_and_so_does_a_restarted_head(cl
     newest = stopped_at[-1]
     assert 8 <= newest <= FIXED_STEPS - 2 * EVERY, f"the first job stopped at {newest}, too late for the test"
 
-    second = cluster.submit(args, "restarted-2")  # the same command
+    cluster.submit(args, "restarted-2")  # the same command
     # Watched in S3, not in the job's logs: those lag by seconds, in which a debug run can finish.
     wait_for_checkpoint(bucket, "restarted", newest + EVERY, 400)
     cluster.stop()  # the whole cluster, head included: every process gone, the storage kept

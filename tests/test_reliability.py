@@ -145,7 +145,7 @@ def test_a_checkpoint_whose_marker_arrived_before_a_truncated_file_is_never_list
     newest = run / "checkpoint_000000004"
     data = (newest / ckpt.TRAINER_FILE).read_bytes()
     (newest / ckpt.TRAINER_FILE).write_bytes(data[: len(data) // 2])
-    listed = [storage.name(url) for url, _ in run_folder.checkpoint_urls(str(run))]
+    listed = [storage.name(url) for url, _ in run_folder.complete_checkpoints(str(run))]
     assert listed == ["checkpoint_000000002"]
     assert "checkpoint_000000004: incomplete" in caplog.text
     outcome = run_cli("fill", "--checkpoint", str(run), "--image", str(world / "in.png"), "--mask",
@@ -166,7 +166,7 @@ def test_a_save_that_fails_leaves_no_marker_even_over_an_older_checkpoint(world,
         ckpt.save_checkpoint(folder, config=contents.config, generator=contents.generator,
                              discriminator=contents.discriminator, trainer=contents.trainer, meta=contents.meta)
     assert not (folder / ckpt.META_FILE).exists()
-    assert run_folder.checkpoint_urls(str(tmp_path)) == []
+    assert run_folder.complete_checkpoints(str(tmp_path)) == []
 
 
 def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
@@ -380,7 +380,7 @@ def test_a_huge_meta_json_is_refused_before_it_is_read(world, tmp_path):
         f.truncate(storage.JSON_LIMIT + 1)
     with pytest.raises(storage.StorageError, match="refusing to read"):
         storage.read_json(str(run / "checkpoint_000000004" / ckpt.META_FILE))
-    assert [storage.name(u) for u, _ in run_folder.checkpoint_urls(str(run))] == ["checkpoint_000000002"]
+    assert [storage.name(u) for u, _ in run_folder.complete_checkpoints(str(run))] == ["checkpoint_000000002"]
 
 
 def _as_nobody(argv: list[str], cwd: Path) -> subprocess.CompletedProcess | None:
@@ -444,7 +444,7 @@ def test_an_unloadable_newest_checkpoint_is_moved_aside_before_training_past_it(
     assert "unreadable weights" in (aside / run_folder.REASON).read_text()
     assert {k.replace(str(newest), str(aside)): v for k, v in before.items()}.items() <= tree_digest(aside).items()
     assert "moved it aside" in caplog.text
-    assert [storage.name(u) for u, _ in run_folder.checkpoint_urls(str(run))] == ["checkpoint_000000002"]
+    assert [storage.name(u) for u, _ in run_folder.complete_checkpoints(str(run))] == ["checkpoint_000000002"]
 
 
 def test_a_checkpoint_cut_short_by_a_full_disk_is_moved_aside_at_the_next_resume(world, tmp_path, caplog):
@@ -585,7 +585,7 @@ def _train(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def _every_listed_checkpoint_verifies(run: Path) -> list[str]:
-    listed = run_folder.checkpoint_urls(str(run))
+    listed = run_folder.complete_checkpoints(str(run))
     for url, meta in listed:
         # Every file a listed marker stands beside matches it (size and sha256); a file the copy
         # never reached is absent, and the loader that needs it skips the checkpoint.

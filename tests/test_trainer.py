@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from inpaint import recipes
-from inpaint.checkpoint import CheckpointError, is_complete, load_checkpoint
+from inpaint.checkpoint import CheckpointError, load_checkpoint, verify_checkpoint
 from inpaint.config import apply_overrides
 from inpaint.masks import MaskSampler
 from inpaint.phases import Phase
@@ -134,7 +134,7 @@ def test_save_load_continue_matches_an_uninterrupted_run(tmp_path, settings):
     for b in batches[:4]:
         first.train_step(b)
     first.save(tmp_path / "ckpt", data=Position({"epoch": 0, "batches": 4}))
-    assert is_complete(tmp_path / "ckpt")
+    assert verify_checkpoint(tmp_path / "ckpt")["step"] == 4  # complete, every file at its recorded sha256
     torch.manual_seed(12345)  # a fresh process would have other RNG state; the checkpoint must restore it
 
     resumed, position = Trainer(config, device="cpu"), Position()
@@ -165,7 +165,8 @@ def test_checkpoint_files_load_without_unpickling_code_and_tampering_is_detected
     with pytest.raises(CheckpointError, match="sha256"):
         load_checkpoint(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "meta.json").unlink()
-    assert not is_complete(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError):
+        verify_checkpoint(tmp_path / "ckpt")
 
 
 def test_bf16_autocast_and_channels_last_switch_on_for_cpu():

@@ -1,20 +1,17 @@
-"""Checkpoints that verify but do not load (issue 13): fill, evaluate, watch and resume fall back.
+"""Checkpoints that verify but do not load (issue 13): fill, evaluate and watch fall back.
 
-Each corruption below leaves a checkpoint whose files match its meta.json (sizes and sha256
-updated, or a meta.json that is valid JSON of the wrong shape), so that only loading it can
-tell. Every consumer must skip it with one line and use the newest checkpoint that loads:
-``python -m inpaint fill``, ``jobs/evaluate.py --checkpoint RUN``, ``--watch`` (which marks it
-and never leaves its CLAIM behind) and the training restore (``load_newest_checkpoint`` /
-``restore_latest``, called here in-process without Ray workers).
+Each corruption (tests/corruptions.py) leaves a checkpoint whose files match its meta.json, so
+that only loading it can tell. Every command a user runs must skip it with one line and use the
+newest checkpoint that loads: ``python -m inpaint fill``, ``jobs/evaluate.py --checkpoint RUN``
+and ``--watch`` (which marks it and never leaves its CLAIM behind). The training restore's
+fallback is in tests/test_restore.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,69 +22,11 @@ from PIL import Image
 
 from cluster import evaluator as cev
 from cluster import watcher
-from inpaint import run_folder
-from cluster import restore
 from inpaint import checkpoint as ckpt
-from inpaint.config import Config
+from inpaint import run_folder
 from inpaint.inference import Inpainter
-from inpaint.trainer import Trainer
-from tests.cli_harness import REPO, run_cli, train_debug_run
-
-OLD, NEW = "checkpoint_000000002", "checkpoint_000000004"
-
-
-# ------------------------------------------------------------------ corruptions
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _rehash(folder: Path, name: str) -> None:
-    """Record ``name``'s current size and sha256 in meta.json, as a careful attacker would."""
-    meta = json.loads((folder / ckpt.META_FILE).read_text())
-    meta["files"][name] = {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
-    (folder / ckpt.META_FILE).write_text(json.dumps(meta))
-
-
-def _truncate(folder: Path, name: str) -> None:
-    path = folder / name
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    _rehash(folder, name)
-
-
-def truncated_generator(folder: Path) -> None:
-    _truncate(folder, ckpt.GENERATOR_FILE)
-
-
-def other_width(folder: Path) -> None:
-    config = json.loads((folder / ckpt.CONFIG_FILE).read_text())
-    config["model"]["gen_width"] = 2 * config["model"]["gen_width"]
-    (folder / ckpt.CONFIG_FILE).write_text(json.dumps(config))
-    _rehash(folder, ckpt.CONFIG_FILE)
-
-
-def meta_is_a_list(folder: Path) -> None:
-    (folder / ckpt.META_FILE).write_text("[]")
-
-
-def files_is_a_list(folder: Path) -> None:
-    meta = json.loads((folder / ckpt.META_FILE).read_text())
-    meta["files"] = sorted(meta["files"])
-    (folder / ckpt.META_FILE).write_text(json.dumps(meta))
-
-
-CORRUPTIONS = {"truncated-generator": truncated_generator, "other-width": other_width,
-               "meta-list": meta_is_a_list, "files-list": files_is_a_list}
-META_SHAPE = {"meta-list", "files-list"}  # not even listed as checkpoints: skipped while listing
-
-
-@pytest.fixture(scope="module")
-def template_run(tmp_path_factory, sample_dataset) -> Path:
-    return train_debug_run(tmp_path_factory.mktemp("unloadable") / "run", sample_dataset)
-
-
-@pytest.fixture
-def run(template_run, tmp_path) -> Path:
-    return Path(shutil.copytree(template_run, tmp_path / "run"))
+from tests.cli_harness import REPO, run_cli
+from tests.corruptions import CORRUPTIONS, META_SHAPE, NEW, OLD, skip_warnings, truncated_generator
 
 
 @pytest.fixture
@@ -95,13 +34,6 @@ def picture(tmp_path) -> Path:
     path = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
     return path
-
-
-def skip_warnings(caplog, name: str) -> list[str]:
-    lines = [record.getMessage() for record in caplog.records
-             if record.levelno == logging.WARNING and name in record.getMessage() and "skipping" in record.getMessage()]
-    assert all("\n" not in line for line in lines), lines
-    return lines
 
 
 # ------------------------------------------------------------------ loading reports UnloadableCheckpoint
@@ -183,93 +115,6 @@ def test_watch_marks_the_bad_checkpoint_and_evaluates_the_others(run, corruption
     # A later pass retries neither: the good one is done, the bad one marked (or not a checkpoint).
     again = watcher.watch(str(run), cev.EvaluationRequest(num_images=2, device="cpu"))
     assert again.evaluated == [] and again.unloadable == []
-
-
-# ------------------------------------------------------------------ training restore
-def _trainer(run: Path) -> Trainer:
-    return Trainer(Config.from_dict(json.loads((run / "config.json").read_text())), device="cpu")
-
-
-def _run_paths(run: Path) -> run_folder.RunPaths:
-    return run_folder.RunPaths(str(run.parent), run.name)
-
-
-def truncated_trainer_state(folder: Path) -> None:
-    _truncate(folder, ckpt.TRAINER_FILE)
-
-
-def truncated_discriminator(folder: Path) -> None:
-    _truncate(folder, ckpt.DISCRIMINATOR_FILE)
-
-
-RESTORE_CORRUPTIONS = {**CORRUPTIONS, "truncated-trainer": truncated_trainer_state,
-                       "truncated-discriminator": truncated_discriminator}
-del RESTORE_CORRUPTIONS["other-width"]  # see test_restore_resumes_from_weights_that_fit_this_run
-
-
-@pytest.mark.parametrize("corruption", sorted(RESTORE_CORRUPTIONS))
-def test_restore_skips_the_unloadable_newest_and_resumes_from_the_previous(run, corruption, caplog):
-    RESTORE_CORRUPTIONS[corruption](run / NEW)
-    caplog.set_level(logging.WARNING)
-    trainer = _trainer(run)
-    choice = restore.restore_latest(trainer, _run_paths(run), None)
-    assert choice == str(run / OLD) and trainer.step == 2
-    assert len(skip_warnings(caplog, NEW)) == 1
-
-
-@pytest.mark.parametrize("corruption", sorted(RESTORE_CORRUPTIONS))
-def test_a_corrupt_checkpoint_that_ray_registered_does_not_end_training(run, corruption):
-    import ray.train
-
-    RESTORE_CORRUPTIONS[corruption](run / NEW)
-    registered = ray.train.Checkpoint.from_directory(str(run / NEW))
-    trainer = _trainer(run)
-    choice, meta = restore.load_newest_checkpoint(trainer, _run_paths(run), registered)
-    assert choice == str(run / OLD) and meta["step"] == 2 and trainer.step == 2
-    # Every checkpoint corrupt, Ray's included: a fresh start, not a crash.
-    RESTORE_CORRUPTIONS[corruption](run / OLD)
-    fresh = _trainer(run)
-    assert restore.load_newest_checkpoint(fresh, _run_paths(run), registered) == (None, None)
-    assert fresh.step == 0
-
-
-def test_ray_registered_checkpoint_is_tried_when_storage_cannot_be_listed(run, monkeypatch):
-    import ray.train
-
-    def unreachable(run_url):
-        raise OSError("connection reset")
-
-    monkeypatch.setattr(restore, "checkpoint_urls", unreachable)
-    trainer = _trainer(run)
-    choice, meta = restore.load_newest_checkpoint(trainer, _run_paths(run), ray.train.Checkpoint.from_directory(
-        str(run / NEW)))
-    assert choice == restore.REGISTERED and meta["step"] == 4 and trainer.step == 4
-    truncated_generator(run / NEW)
-    fresh = _trainer(run)
-    assert restore.load_newest_checkpoint(fresh, _run_paths(run), ray.train.Checkpoint.from_directory(
-        str(run / NEW))) == (None, None)
-
-
-def test_restore_resumes_from_weights_that_fit_this_run(run, caplog):
-    """A config.json edited to another width does not change the weights, and training builds its
-    networks from the run's own config: they fit, so the checkpoint is resumed from (with a warning
-    that its config differs) rather than thrown away. Inference, which builds the network from the
-    checkpoint's config, cannot load it and falls back (tests above)."""
-    other_width(run / NEW)
-    caplog.set_level(logging.WARNING)
-    trainer = _trainer(run)
-    assert restore.restore_latest(trainer, _run_paths(run), None) == str(run / NEW) and trainer.step == 4
-    assert any("config differs" in record.getMessage() for record in caplog.records)
-
-
-def test_a_failed_load_leaves_the_trainer_as_it_was(run):
-    truncated_trainer_state(run / NEW)
-    trainer = _trainer(run)
-    before = {k: v.clone() for k, v in trainer.generator.state_dict().items()}
-    with pytest.raises(ckpt.CheckpointError):
-        trainer.load(run / NEW)
-    assert trainer.step == 0
-    assert all((v == before[k]).all() for k, v in trainer.generator.state_dict().items())
 
 
 # ------------------------------------------------------------------ the real CLIs, as a user sees them
