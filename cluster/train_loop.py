@@ -137,22 +137,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     _stop_diverged(trainer, run, diverged, rank)
                     return
             if writer is not None and logged:
-                scalars = {k: float(v) for k, v in losses.items()}
-                window = meter.window()
-                scalars.update(window)
-                scalars.update({
-                    "memory/max(GiB)": _memory_gb(device),
-                    "schedule/phase": PHASE_INDEX[trainer.phase],
-                    "schedule/samples_seen": trainer.samples_seen,
-                    "lr/generator": trainer.g_optimizer.param_groups[0]["lr"],
-                    "lr/discriminator": trainer.d_optimizer.param_groups[0]["lr"],
-                    "data/epoch": batch.get("epoch", 0),
-                    "train/skipped_nonfinite": skipped_nonfinite,
-                })
-                writer.scalars(scalars, step)
-                left = trainer.schedule.steps_left(step, trainer.samples_seen, batch_size * world_size)
-                log.info(progress_line(step, step + left, phase.value, {k: float(v) for k, v in losses.items()},
-                                       window, left))
+                _log_progress(writer, trainer, losses, meter.window(), batch, skipped_nonfinite, phase,
+                              batch_size * world_size)
             if writer is not None and (step % config.log.image_every_steps == 0 or trainer.done):
                 masked, completed, original = trainer.complete(batch)
                 count = config.log.image_count
@@ -166,6 +152,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     finally:
         if writer is not None:
             writer.close()
+
+
+def _log_progress(writer: RunWriter, trainer: Trainer, losses: dict[str, torch.Tensor], window: dict[str, float],
+                  batch: dict, skipped_nonfinite: int, phase: Phase, global_batch: int) -> None:
+    """Rank 0, on a logging step: the scalars to TensorBoard and one progress line to the console."""
+    step = trainer.step
+    scalars = {k: float(v) for k, v in losses.items()}
+    scalars.update(window)
+    scalars.update({
+        "memory/max(GiB)": _memory_gb(trainer.device),
+        "schedule/phase": PHASE_INDEX[trainer.phase],
+        "schedule/samples_seen": trainer.samples_seen,
+        "lr/generator": trainer.g_optimizer.param_groups[0]["lr"],
+        "lr/discriminator": trainer.d_optimizer.param_groups[0]["lr"],
+        "data/epoch": batch.get("epoch", 0),
+        "train/skipped_nonfinite": skipped_nonfinite,
+    })
+    writer.scalars(scalars, step)
+    left = trainer.schedule.steps_left(step, trainer.samples_seen, global_batch)
+    log.info(progress_line(step, step + left, phase.value, {k: float(v) for k, v in losses.items()}, window, left))
 
 
 def _stop_diverged(trainer: Trainer, run: RunPaths, reason: str, rank: int) -> None:
