@@ -78,10 +78,13 @@ class EvaluationRequest:
 class EvaluationResult:
     output: str
     document: dict[str, Any]
+    reused: bool = False  # read back from an earlier evaluation under the same protocol, not re-run
 
     def headline(self) -> str:
-        return (f"evaluation written to {self.output} "
-                f"({self.document['protocol']['count']} images, {self.document['elapsed_s']:.1f} s)")
+        count, seconds = self.document['protocol']['count'], self.document['elapsed_s']
+        if self.reused:
+            return f"evaluation already in {self.output} ({count} images, evaluated earlier in {seconds:.1f} s)"
+        return f"evaluation written to {self.output} ({count} images, {seconds:.1f} s)"
 
     def describe(self) -> str:
         lines = [self.headline()]
@@ -327,7 +330,7 @@ class Comparison:
 def _baseline_done(output: str, protocol: dict[str, Any]) -> EvaluationResult | None:
     document = storage.read_json(storage.join(output, ev.METRICS_FILE))
     if isinstance(document, dict) and "metrics" in document and ev.same_protocol(document.get("protocol", {}), protocol):
-        return EvaluationResult(output, document)
+        return EvaluationResult(output, document, reused=True)
     return None
 
 

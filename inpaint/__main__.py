@@ -95,8 +95,13 @@ def read_image(path: Path, mode: str):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InpaintError(f"{path}: {_bomb_size(exc)}more than the {Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP "
                            "an image may have here (a decompression-bomb guard)") from None
-    except (OSError, UnidentifiedImageError) as exc:
-        raise InpaintError(f"{path}: cannot read the image ({exc.__class__.__name__})") from None
+    except UnidentifiedImageError:
+        raise InpaintError(f"{path}: cannot read the image: not a format PIL reads") from None
+    except OSError as exc:  # truncated or damaged data, or a file the user cannot read
+        from inpaint.errors import one_line
+
+        raise InpaintError(f"{path}: cannot read the image, truncated, damaged or unreadable "
+                           f"({exc.strerror or one_line(exc)})") from None
 
 
 def _bomb_size(exc: Exception) -> str:
@@ -113,9 +118,11 @@ def plan(image: Path, mask: Path | None, output: Path) -> list[tuple[Path, Path 
     if not image.exists():
         raise InpaintError(f"{image}: no such file or folder")
     if image.is_file():
+        if mask is not None and mask.is_dir():
+            raise InpaintError(f"{mask}: is a folder; with one --image, --mask is one mask file")
         if mask is not None and not mask.is_file():
             raise InpaintError(f"{mask}: no such mask file")
-        return [(image, mask, output)]
+        return _refuse_overwriting_inputs([(image, mask, output)])
     images = sorted(p for p in image.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise InpaintError(f"{image}: folder holds no image ({', '.join(IMAGE_SUFFIXES)})")
@@ -130,6 +137,20 @@ def plan(image: Path, mask: Path | None, output: Path) -> list[tuple[Path, Path 
             if mask_path is None:
                 raise InpaintError(f"{path.name}: no mask of the same name in {mask}")
         jobs.append((path, mask_path, output / f"{path.stem}.png"))
+    return _refuse_overwriting_inputs(jobs)
+
+
+def _refuse_overwriting_inputs(jobs: list[tuple[Path, Path | None, Path]]) -> list[tuple[Path, Path | None, Path]]:
+    """``jobs``, unless an output would replace one of the inputs: the user's original photo (or
+    mask) would be lost, and for a JPEG re-encoded. Checked for every job before any work."""
+    from inpaint.inference import InpaintError
+
+    inputs = {path.resolve(): path for image, mask, _ in jobs for path in (image, mask) if path is not None}
+    for _, _, output in jobs:
+        original = inputs.get(output.resolve())
+        if original is not None:
+            raise InpaintError(f"{output}: would overwrite the input {original}; write the fill to another "
+                               "--output")
     return jobs
 
 

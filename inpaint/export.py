@@ -42,6 +42,8 @@ from inpaint.inference import MULTIPLE, Inpainter
 from inpaint.models.generator import Generator, composite
 
 FORMATS = ("torchscript", "onnx")
+# The names each format's loaders expect; another suffix (an ONNX file called .pt) misleads whoever loads it.
+SUFFIXES = {"torchscript": (".pt", ".pth", ".ts"), "onnx": (".onnx",)}
 TOLERANCE = 1e-4  # float32 graphs of the same convolutions; measured differences are ~1e-7
 MAX_SIDE = 16384  # the largest H, W the ONNX graph's dynamic axes admit
 OPSET = 18
@@ -111,7 +113,7 @@ def _require(module: str, why: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ExportError(f"{why} needs the {module} package: pip install 'inpaint[export]'") from None
+        raise ExportError(f"{why} needs the {module} package: pip install -e \".[export]\" in the checkout") from None
 
 
 def _save_onnx(model: Completion, example: tuple[torch.Tensor, torch.Tensor], path: str,
@@ -152,7 +154,7 @@ def _run_file(path: str, fmt: str, pairs: list[tuple[torch.Tensor, torch.Tensor]
     try:
         import onnxruntime
     except ImportError:
-        return None, "onnx.checker only (onnxruntime is not installed: pip install 'inpaint[export]' to compare)"
+        return None, "onnx.checker only (onnxruntime is not installed: pip install -e \".[export]\" in the checkout to compare)"
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     outputs = [torch.from_numpy(session.run(None, {"image": image.numpy(), "mask": mask.numpy()})[0])
                for image, mask in pairs]
@@ -171,13 +173,15 @@ def export(checkpoint: str, fmt: str, output: str | Path) -> ExportReport:
         raise ExportError(f"{output}: name a file to write, not a folder")
     if not storage.is_remote(output) and Path(output).is_dir():
         raise ExportError(f"{output} is a folder: name a file to write")
+    if not storage.name(output).lower().endswith(SUFFIXES[fmt]):
+        raise ExportError(f"{output}: a {fmt} file is named {' or '.join(SUFFIXES[fmt])}")
     folder = storage.Output(storage.parent(output) if storage.is_remote(output) else str(Path(output).absolute().parent))
     try:
         folder.check_writable()
     except storage.StorageError as exc:
         raise ExportError(str(exc)) from None
     inpainter = Inpainter.from_checkpoint(checkpoint, device="cpu")
-    model = Completion(inpainter.generator.float()).eval()
+    model = Completion(inpainter.generator.float()).eval().requires_grad_(False)  # outputs .numpy() as they come
     image_size = inpainter.config.model.image_size
     meta = {"format": "inpaint completion: image [0,1] (N,3,H,W), mask (N,1,H,W) 1 = hole, H and W multiples of 4",
             "checkpoint": checkpoint, "step": inpainter.meta.get("step"),

@@ -1,4 +1,5 @@
-"""Evaluate checkpoints under the paper's protocol (128 test images; centre 1/4, centre 1/3 and random holes).
+"""Evaluate checkpoints under the paper's protocol (128 test images; centre holes of 1/4 and 1/3
+of the area and of the side, and random holes).
 
     python jobs/evaluate.py --checkpoint runs/debug-sample --data data/sample            # the run's latest
     python jobs/evaluate.py --checkpoint s3://b/runs/celeba-v1/checkpoint_000100000 --num-images all --workers 8

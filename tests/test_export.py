@@ -60,6 +60,7 @@ def test_torchscript_round_trips_at_other_sizes_and_batches(checkpoint, eager, t
     image, mask = fresh_input(3, 44, 60)
     with torch.no_grad():
         assert_completes_like_eager(loaded(image, mask), image, mask, eager)
+    assert not loaded(image, mask).requires_grad  # README's snippet calls it without no_grad and reads .numpy()
 
 
 @pytest.mark.slow
@@ -100,6 +101,7 @@ def test_an_export_that_does_not_reproduce_the_model_leaves_no_file(checkpoint, 
     ("checkpoint", "no such checkpoint"),
     ("output-under-a-file", "is a file"),
     ("output-is-a-folder", "is a folder"),
+    ("suffix", "a torchscript file is named .pt or .pth or .ts"),
 ])
 def test_bad_input_is_one_error_line_with_exit_2(case, message, checkpoint, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
@@ -110,6 +112,8 @@ def test_bad_input_is_one_error_line_with_exit_2(case, message, checkpoint, tmp_
         args["--checkpoint"] = str(tmp_path / "missing")
     elif case == "output-under-a-file":
         args["--output"] = str(tmp_path / "file" / "model.pt")
+    elif case == "suffix":
+        args["--output"] = str(tmp_path / "model.onnx")
     else:
         args["--output"] = str(tmp_path)
     try:
@@ -140,7 +144,7 @@ def test_exports_to_object_storage(checkpoint, eager, s3_bucket):
 def test_onnx_without_its_packages(checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # None in sys.modules makes the import fail
     code = main(["export", "--checkpoint", checkpoint, "--format", "onnx", "--output", str(tmp_path / "m.onnx")])
-    assert code == 2 and "pip install 'inpaint[export]'" in capsys.readouterr().err
+    assert code == 2 and 'pip install -e ".[export]"' in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

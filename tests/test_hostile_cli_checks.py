@@ -28,6 +28,7 @@ def world(tmp_path_factory, sample_dataset) -> Path:
     for name, mask in {"small": np.full((10, 10), 255), "empty": np.zeros((40, 50)),
                        "full": np.full((40, 50), 255)}.items():
         Image.fromarray(mask.astype(np.uint8)).save(root / f"mask-{name}.png")
+    Image.fromarray(np.full((40, 50), 50, np.uint8)).save(root / "mask-grey.png")  # non-zero, but under 128
     Image.new("1", (20000, 20000)).save(root / "bomb.png")  # 400 MP in a few kB: a decompression bomb
     (root / "broken.png").write_bytes(b"not a png")
     (root / "afile").write_text("a regular file where a folder is expected")
@@ -166,6 +167,13 @@ FILL_CASES = [
     ([*FILL, "--mask", "{w}/mask-empty.png", "--output", "{w}/o.png"], r"mask has no hole"),
     ([*FILL, "--mask", "{w}/mask-full.png", "--output", "{w}/o.png"], r"mask covers the whole image"),
     ([*FILL, "--mask", "{w}/nomask.png", "--output", "{w}/o.png"], r"no such mask file"),
+    ([*FILL, "--mask", "{w}/mask-grey.png", "--output", "{w}/o.png"], r"no pixel at grey level 128 or above"),
+    ([*FILL, "--mask", "{w}/masks", "--output", "{w}/o.png"], r"masks: is a folder; with one --image"),
+    # The user's original is never replaced (and, for a JPEG, re-encoded): not the image, not the mask.
+    ([*FILL, *BOX, "--output", "{w}/in.png"], r"in.png: would overwrite the input"),
+    ([*FILL, "--mask", "{w}/mask-full.png", "--output", "{w}/mask-full.png"], r"would overwrite the input"),
+    (["--checkpoint", "{w}/runs/r", "--image", "{w}/images", *BOX, "--output", "{w}/images"],
+     r"x.png: would overwrite the input"),
     ([*FILL, "--box", "40,30,20,10", "--output", "{w}/o.png"], r"not inside the 50x40 image"),
     ([*FILL, "--box", "1,2,3", "--output", "{w}/o.png"], r"expected X,Y,W,H"),
     ([*FILL, *BOX, "--output", "{w}/o.xyz"], r"unknown image format; name the output .png"),

@@ -561,6 +561,9 @@ def test_a_finished_comparison_is_not_re_evaluated(world, tmp_path, caplog):
     assert again.model.output == first.model.output and again.model.document["metrics"] == json.loads(
         json.dumps(first.model.document["metrics"]))
     assert [b.output for b in again.baselines] == [b.output for b in first.baselines]
+    # What the user reads says so: not "written" for figures read back.
+    assert first.model.headline().startswith("evaluation written to ")
+    assert again.model.headline().startswith("evaluation already in ") and not first.model.reused
 
 
 # ------------------------------------------------------------------ 8. a garbage Ray snapshot
