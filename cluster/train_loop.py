@@ -158,8 +158,8 @@ def _log_progress(writer: RunWriter, trainer: Trainer, losses: dict[str, torch.T
                   batch: dict, skipped_nonfinite: int, phase: Phase, global_batch: int) -> None:
     """Rank 0, on a logging step: the scalars to TensorBoard and one progress line to the console."""
     step = trainer.step
-    scalars = {k: float(v) for k, v in losses.items()}
-    scalars.update(window)
+    values = {k: float(v) for k, v in losses.items()}
+    scalars = {**values, **window}
     scalars.update({
         "memory/max(GiB)": _memory_gb(trainer.device),
         "schedule/phase": PHASE_INDEX[trainer.phase],
@@ -171,7 +171,7 @@ def _log_progress(writer: RunWriter, trainer: Trainer, losses: dict[str, torch.T
     })
     writer.scalars(scalars, step)
     left = trainer.schedule.steps_left(step, trainer.samples_seen, global_batch)
-    log.info(progress_line(step, step + left, phase.value, {k: float(v) for k, v in losses.items()}, window, left))
+    log.info(progress_line(step, step + left, phase.value, values, window, left))
 
 
 def _stop_diverged(trainer: Trainer, run: RunPaths, reason: str, rank: int) -> None:

@@ -44,6 +44,7 @@ from inpaint.models.generator import Generator, composite
 FORMATS = ("torchscript", "onnx")
 # The names each format's loaders expect; another suffix (an ONNX file called .pt) misleads whoever loads it.
 SUFFIXES = {"torchscript": (".pt", ".pth", ".ts"), "onnx": (".onnx",)}
+INSTALL_EXPORT = 'pip install -e ".[export]" in the checkout'  # the extra; the package is not on PyPI
 TOLERANCE = 1e-4  # float32 graphs of the same convolutions; measured differences are ~1e-7
 MAX_SIDE = 16384  # the largest H, W the ONNX graph's dynamic axes admit
 OPSET = 18
@@ -113,7 +114,7 @@ def _require(module: str, why: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ExportError(f"{why} needs the {module} package: pip install -e \".[export]\" in the checkout") from None
+        raise ExportError(f"{why} needs the {module} package: {INSTALL_EXPORT}") from None
 
 
 def _save_onnx(model: Completion, example: tuple[torch.Tensor, torch.Tensor], path: str,
@@ -154,7 +155,7 @@ def _run_file(path: str, fmt: str, pairs: list[tuple[torch.Tensor, torch.Tensor]
     try:
         import onnxruntime
     except ImportError:
-        return None, "onnx.checker only (onnxruntime is not installed: pip install -e \".[export]\" in the checkout to compare)"
+        return None, f"onnx.checker only (onnxruntime is not installed: {INSTALL_EXPORT} to compare)"
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     outputs = [torch.from_numpy(session.run(None, {"image": image.numpy(), "mask": mask.numpy()})[0])
                for image, mask in pairs]

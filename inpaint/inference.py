@@ -148,18 +148,17 @@ def hole_array(mask: Image.Image | np.ndarray, size: tuple[int, int]) -> np.ndar
     """The hole as a bool (H, W) array, checked against the image size (H, W)."""
     if isinstance(mask, Image.Image):
         hole = np.asarray(mask.convert("L")) >= MASK_THRESHOLD
-        if not hole.any():
-            raise InpaintError(f"mask has no hole: no pixel at grey level {MASK_THRESHOLD} or above; paint the "
-                               "pixels to fill white")
+        marks = f"no pixel at grey level {MASK_THRESHOLD} or above; paint the pixels to fill white"
     else:
         hole = np.asarray(mask)
         if hole.ndim != 2:
             raise InpaintError(f"mask must be (H, W), got shape {hole.shape}")
         hole = hole.astype(bool)
+        marks = "no True / non-zero pixel"
     if hole.shape != tuple(size):
         raise InpaintError(f"mask is {hole.shape[1]}x{hole.shape[0]} but the image is {size[1]}x{size[0]} (WxH)")
     if not hole.any():
-        raise InpaintError("mask has no hole: no True / non-zero pixel")
+        raise InpaintError(f"mask has no hole: {marks}")
     if hole.all():
         raise InpaintError("mask covers the whole image: nothing is left to condition the fill on")
     return hole
