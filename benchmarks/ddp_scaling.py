@@ -8,6 +8,7 @@ A communication hook counts the bytes of every gradient bucket that DDP allreduc
 are reduced while backward still runs, which is DDP's overlap of communication with compute.
 """
 
+import gc
 import json
 import os
 import statistics
@@ -90,6 +91,7 @@ def _worker(rank: int, world: int, recipe: str, overrides: tuple[str, ...], phas
     try:
         figures = {phase: _phase(recipe, overrides, phase, rank, world, warmup, steps) for phase in phases}
     finally:
+        gc.collect()  # DDP modules torn down after the group can abort the process at exit (tests/test_gpu_training.py)
         dist.destroy_process_group()
     if rank == 0:
         Path(folder, "figures.json").write_text(json.dumps(figures))

@@ -4,6 +4,7 @@ the CUDA-only defaults (cuDNN autotuning, the contextual loss's chunk, native bf
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 from pathlib import Path
@@ -220,50 +221,59 @@ def _grads(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in module.parameters() if p.grad is not None])
 
 
-def _comm_worker(rank: int, world: int, port: int, out: str) -> None:
+def _gloo_worker(rank: int, world: int, port: int, measure, out: str) -> None:
+    """One rank: join a gloo group, run measure(rank, world, out), leave the group."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        results = {}
-        # One phase per network, so that the other network's weights (updated by the first step) play no part.
-        phases = {"generator": "schedule.generator_steps=1", "discriminator": "schedule.discriminator_steps=1"}
-        for name, phase in phases.items():
-            overrides = ("runtime.bf16=false", "schedule.generator_steps=0", "schedule.discriminator_steps=0",
-                         "schedule.joint_steps=0", phase)
-            batch = synthetic_batch(debug_config(*overrides), 100 + rank)  # each rank its own data
-            # The reference: each rank's own gradients, averaged by hand in fp32.
-            local = Trainer(debug_config(*overrides), device="cpu", world_size=world, rank=rank)
-            local.train_step(batch)
-            want = _grads(getattr(local, name))
-            dist.all_reduce(want)
-            want /= world
-            for comm in ("fp32", "bf16"):
-                trainer = Trainer(debug_config(*overrides, f"runtime.ddp_comm={comm}"), device="cpu",
-                                  world_size=world, rank=rank)
-                prepare_for_training(trainer, "cpu", world)
-                hooks = [len(getattr(trainer, net)._comm_hooks) for net in phases]
-                trainer.train_step(batch)
-                got = _grads(getattr(trainer, name))
-                results[f"{comm}/{name}"] = {
-                    "hooks": hooks, "max_abs": float((got - want).abs().max()),
-                    "relative": float((got - want).norm() / want.norm()),
-                    "cosine": float(torch.nn.functional.cosine_similarity(got, want, dim=0))}
-        # The time-based cadence: rank 1's clock runs 10x fast, but rank 0 decides for both.
-        clock = FakeClock()
-        cadence = CheckpointCadence(0, every_minutes=1, check_every=3, clock=clock)
-        due = []
-        for step in range(1, 40):
-            clock.now += 5.0 * (10 if rank == 1 else 1)
-            if cadence.due(step):
-                due.append(step)
-                cadence.taken()
-        results["due"] = due
-        if rank == 0:
-            Path(out).write_text(json.dumps(results))
-        else:
-            Path(out + f".{rank}").write_text(json.dumps({"due": due}))
+        measure(rank, world, out)
     finally:
+        # The DDP modules measure() made must be gone before the group: torn down at interpreter exit,
+        # after destroy_process_group, they aborted the process ("terminate called without an active
+        # exception") in 5 of 30 runs of the comm test.
+        gc.collect()
         dist.destroy_process_group()
+
+
+def _comm_measure(rank: int, world: int, out: str) -> None:
+    results = {}
+    # One phase per network, so that the other network's weights (updated by the first step) play no part.
+    phases = {"generator": "schedule.generator_steps=1", "discriminator": "schedule.discriminator_steps=1"}
+    for name, phase in phases.items():
+        overrides = ("runtime.bf16=false", "schedule.generator_steps=0", "schedule.discriminator_steps=0",
+                     "schedule.joint_steps=0", phase)
+        batch = synthetic_batch(debug_config(*overrides), 100 + rank)  # each rank its own data
+        # The reference: each rank's own gradients, averaged by hand in fp32.
+        local = Trainer(debug_config(*overrides), device="cpu", world_size=world, rank=rank)
+        local.train_step(batch)
+        want = _grads(getattr(local, name))
+        dist.all_reduce(want)
+        want /= world
+        for comm in ("fp32", "bf16"):
+            trainer = Trainer(debug_config(*overrides, f"runtime.ddp_comm={comm}"), device="cpu",
+                              world_size=world, rank=rank)
+            prepare_for_training(trainer, "cpu", world)
+            hooks = [len(getattr(trainer, net)._comm_hooks) for net in phases]
+            trainer.train_step(batch)
+            got = _grads(getattr(trainer, name))
+            results[f"{comm}/{name}"] = {
+                "hooks": hooks, "max_abs": float((got - want).abs().max()),
+                "relative": float((got - want).norm() / want.norm()),
+                "cosine": float(torch.nn.functional.cosine_similarity(got, want, dim=0))}
+    # The time-based cadence: rank 1's clock runs 10x fast, but rank 0 decides for both.
+    clock = FakeClock()
+    cadence = CheckpointCadence(0, every_minutes=1, check_every=3, clock=clock)
+    due = []
+    for step in range(1, 40):
+        clock.now += 5.0 * (10 if rank == 1 else 1)
+        if cadence.due(step):
+            due.append(step)
+            cadence.taken()
+    results["due"] = due
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    else:
+        Path(out + f".{rank}").write_text(json.dumps({"due": due}))
 
 
 @pytest.mark.slow
@@ -271,7 +281,7 @@ def test_ddp_comm_fp32_equals_the_plain_average_and_bf16_is_close(tmp_path):
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "comm.json")
-    mp.spawn(_comm_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_gloo_worker, args=(2, _free_port(), _comm_measure, out), nprocs=2, join=True)
     results = json.loads(Path(out).read_text())
     for name in ("generator", "discriminator"):
         fp32, bf16 = results[f"fp32/{name}"], results[f"bf16/{name}"]
@@ -286,43 +296,38 @@ def test_ddp_comm_fp32_equals_the_plain_average_and_bf16_is_close(tmp_path):
     assert json.loads(Path(out + ".1").read_text())["due"] == results["due"]
 
 
-def _compile_worker(rank: int, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
+def _compile_measure(rank: int, world: int, out: str) -> None:
     from torch._dynamo.backends.distributed import DDPOptimizer
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        split = []
-        original = DDPOptimizer.compile_fn
+    split = []
+    original = DDPOptimizer.compile_fn
 
-        def counting(self, gm, example_inputs):
-            split.append(len(list(gm.graph.nodes)))
-            return original(self, gm, example_inputs)
+    def counting(self, gm, example_inputs):
+        split.append(len(list(gm.graph.nodes)))
+        return original(self, gm, example_inputs)
 
-        DDPOptimizer.compile_fn = counting
-        config = debug_config("runtime.compile=true", "runtime.bf16=false", "schedule.generator_steps=1",
-                              "schedule.discriminator_steps=1", "schedule.joint_steps=2")
-        trainer = Trainer(config, device="cpu", world_size=world, rank=rank)
-        prepare_for_training(trainer, "cpu", world, backend="aot_eager")
-        optimized = torch._dynamo.eval_frame.OptimizedModule
-        layout = {
-            "discriminator": [type(trainer.discriminator).__name__, type(trainer.discriminator._orig_mod).__name__],
-            "adversarial": [type(trainer.adversarial_discriminator).__name__,
-                            type(trainer.adversarial_discriminator._orig_mod).__name__],
-            "generator_compiled_ddp": isinstance(trainer.generator, optimized)
-            and isinstance(trainer.generator._orig_mod, torch.nn.parallel.DistributedDataParallel),
-        }
-        for index in range(4):
-            trainer.train_step(synthetic_batch(config, 10 * index + rank))
-        weights = torch.cat([p.detach().reshape(-1) for p in trainer.discriminator.parameters()])
-        gathered = [torch.empty_like(weights) for _ in range(world)]
-        dist.all_gather(gathered, weights)
-        if rank == 0:
-            Path(out).write_text(json.dumps({"layout": layout, "ddp_optimizer_graphs": len(split),
-                                             "ranks_agree": bool(torch.equal(gathered[0], gathered[1])),
-                                             "step": trainer.step}))
-    finally:
-        dist.destroy_process_group()
+    DDPOptimizer.compile_fn = counting
+    config = debug_config("runtime.compile=true", "runtime.bf16=false", "schedule.generator_steps=1",
+                          "schedule.discriminator_steps=1", "schedule.joint_steps=2")
+    trainer = Trainer(config, device="cpu", world_size=world, rank=rank)
+    prepare_for_training(trainer, "cpu", world, backend="aot_eager")
+    optimized = torch._dynamo.eval_frame.OptimizedModule
+    layout = {
+        "discriminator": [type(trainer.discriminator).__name__, type(trainer.discriminator._orig_mod).__name__],
+        "adversarial": [type(trainer.adversarial_discriminator).__name__,
+                        type(trainer.adversarial_discriminator._orig_mod).__name__],
+        "generator_compiled_ddp": isinstance(trainer.generator, optimized)
+        and isinstance(trainer.generator._orig_mod, torch.nn.parallel.DistributedDataParallel),
+    }
+    for index in range(4):
+        trainer.train_step(synthetic_batch(config, 10 * index + rank))
+    weights = torch.cat([p.detach().reshape(-1) for p in trainer.discriminator.parameters()])
+    gathered = [torch.empty_like(weights) for _ in range(world)]
+    dist.all_gather(gathered, weights)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"layout": layout, "ddp_optimizer_graphs": len(split),
+                                         "ranks_agree": bool(torch.equal(gathered[0], gathered[1])),
+                                         "step": trainer.step}))
 
 
 @pytest.mark.slow
@@ -330,7 +335,7 @@ def test_prepare_compiles_the_ddp_wrapped_networks_and_the_bare_discriminator_fo
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "compile.json")
-    mp.spawn(_compile_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_gloo_worker, args=(2, _free_port(), _compile_measure, out), nprocs=2, join=True)
     results = json.loads(Path(out).read_text())
     assert results["layout"]["discriminator"] == ["OptimizedModule", "DistributedDataParallel"]
     assert results["layout"]["adversarial"] == ["OptimizedModule", results["layout"]["adversarial"][1]]
