@@ -76,39 +76,14 @@ def parse_box(text: str) -> tuple[int, int, int, int]:
 
 
 def read_image(path: Path, mode: str):
-    """A PIL image from a file, upright per its EXIF orientation, or an InpaintError.
-
-    PIL's decompression-bomb guard stays on: an image over ``Image.MAX_IMAGE_PIXELS`` (89 MP) is
-    refused before it is decoded, since a small file can hold a huge picture.
-    """
-    import warnings
-
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
+    """A PIL image from a file (:func:`inpaint.images.open_image`), or an InpaintError naming the file."""
+    from inpaint.images import UnreadableImage, open_image
     from inpaint.inference import InpaintError
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                return ImageOps.exif_transpose(image).convert(mode)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InpaintError(f"{path}: {_bomb_size(exc)}more than the {Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP "
-                           "an image may have here (a decompression-bomb guard)") from None
-    except UnidentifiedImageError:
-        raise InpaintError(f"{path}: cannot read the image: not a format PIL reads") from None
-    except OSError as exc:  # truncated or damaged data, or a file the user cannot read
-        from inpaint.errors import one_line
-
-        raise InpaintError(f"{path}: cannot read the image, truncated, damaged or unreadable "
-                           f"({exc.strerror or one_line(exc)})") from None
-
-
-def _bomb_size(exc: Exception) -> str:
-    import re
-
-    found = re.search(r"\((\d+) pixels\)", str(exc))
-    return f"{int(found.group(1)) / 1e6:.0f} MP, " if found else ""
+        return open_image(path, mode)
+    except UnreadableImage as exc:
+        raise InpaintError(f"{path}: {exc}") from None
 
 
 def plan(image: Path, mask: Path | None, output: Path) -> list[tuple[Path, Path | None, Path]]:

@@ -48,6 +48,7 @@ from inpaint import checkpoint as ckpt
 from inpaint import storage
 from inpaint.config import Config
 from inpaint.errors import one_line
+from inpaint.images import UnreadableImage, convert
 from inpaint.models import Generator, build_generator
 from inpaint.run_folder import first_loadable
 from inpaint.hardware import resolve_device
@@ -137,17 +138,24 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
 def image_array(image: Image.Image | np.ndarray) -> np.ndarray:
     """A uint8 (H, W, 3) array of a PIL image or an array, or an InpaintError."""
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(_convert(image, "RGB"))
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise InpaintError(f"image must be a PIL image or a uint8 (H, W, 3) array, got {array.dtype} {array.shape}")
     return array
 
 
+def _convert(image: Image.Image, mode: str) -> Image.Image:
+    try:
+        return convert(image, mode)
+    except UnreadableImage as exc:
+        raise InpaintError(str(exc)) from None
+
+
 def hole_array(mask: Image.Image | np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The hole as a bool (H, W) array, checked against the image size (H, W)."""
     if isinstance(mask, Image.Image):
-        hole = np.asarray(mask.convert("L")) >= MASK_THRESHOLD
+        hole = np.asarray(_convert(mask, "L")) >= MASK_THRESHOLD
         marks = f"no pixel at grey level {MASK_THRESHOLD} or above; paint the pixels to fill white"
     else:
         hole = np.asarray(mask)

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from inpaint import storage
 from inpaint.checkpoint import META_FILE, CheckpointError
 from inpaint.errors import one_line
+from inpaint.images import UnreadableImage, open_image
 from inpaint.inference import Inpainter, InpaintError, hole_array, image_array
 from inpaint.run_folder import complete_checkpoints, run_of_checkpoint
 
@@ -38,6 +37,7 @@ log = logging.getLogger("inpaint.serve")
 FORMATS = {"png": "image/png", "jpeg": "image/jpeg"}
 JPEG_QUALITY = 95
 FIELDS = ("image", "mask", "blend", "format")  # a request's fields; any other is refused
+UNREADABLE_STATUS = {"too_large": 413, "not_image": 415, "unsupported": 415}  # any other kind: 400
 FOLLOW_MODES = ("newest", "best")
 BEST_METRIC = "hole_psnr"  # --follow best: the highest mean over the evaluation's hole kinds
 
@@ -52,27 +52,17 @@ class RequestError(Exception):
 
 
 def decode_image(data: bytes, what: str, mode: str) -> Image.Image:
-    """The uploaded ``what`` ("image" or "mask") as a PIL image in ``mode``, upright per its EXIF.
+    """The uploaded ``what`` ("image" or "mask") in ``mode`` (:func:`inpaint.images.open_image`).
 
-    Not an image is 415, a truncated or damaged one 400, one over PIL's decompression-bomb limit
-    (``Image.MAX_IMAGE_PIXELS``, 89 MP) 413: it is refused from its header, before decoding.
+    Not an image, or pixels without an agreed range, is 415; a truncated or damaged one 400; one
+    over PIL's decompression-bomb limit (89 MP) 413, refused from its header before decoding.
     """
     if not data:
         raise RequestError(400, f"{what} is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                return ImageOps.exif_transpose(image).convert(mode)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{int(found.group(1)) / 1e6:.0f} MP, " if found else ""
-        raise RequestError(413, f"{what}: {size}more than the {Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP an image may "
-                                "have here (a decompression-bomb guard)") from None
-    except UnidentifiedImageError:
-        raise RequestError(415, f"{what} is not an image PIL can read (PNG, JPEG, WebP, BMP, TIFF, ...)") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # truncated data, a damaged chunk
-        raise RequestError(400, f"{what}: cannot decode the image, truncated or damaged ({exc})") from None
+        return open_image(data, mode)
+    except UnreadableImage as exc:
+        raise RequestError(UNREADABLE_STATUS.get(exc.kind, 400), f"{what}: {exc}") from None
 
 
 def encode_image(array: np.ndarray, output_format: str) -> tuple[bytes, str]:

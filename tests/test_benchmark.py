@@ -178,7 +178,8 @@ def test_loader_benchmark_prints_every_rate_and_the_ratios():
     rates = {re.split(r"\s{2,}", line.strip())[0]: float(line.split()[-4]) for line in result.stdout.splitlines()
              if "samples/s/core" in line}
     assert set(rates) == {"PIL decode", "torchvision decode_jpeg", "its operator, no Python wrapper",
-                          "mask sampler alone", "loader", "loader with a fixed mask"}, result.stdout
+                          "the same, EXIF orientation applied", "mask sampler alone", "loader",
+                          "loader with a fixed mask"}, result.stdout
     assert all(rate > 0 for rate in rates.values())
     assert "median" in result.stdout and "(target >= 80%)" in result.stdout
 

@@ -31,6 +31,9 @@ def world(tmp_path_factory, sample_dataset) -> Path:
     Image.fromarray(np.full((40, 50), 50, np.uint8)).save(root / "mask-grey.png")  # non-zero, but under 128
     Image.new("1", (20000, 20000)).save(root / "bomb.png")  # 400 MP in a few kB: a decompression bomb
     (root / "broken.png").write_bytes(b"not a png")
+    whole = (root / "in.png").read_bytes()
+    (root / "truncated.png").write_bytes(whole[:len(whole) // 2])
+    Image.fromarray(np.zeros((40, 50), np.float32)).save(root / "float.tiff")  # no agreed range
     (root / "afile").write_text("a regular file where a folder is expected")
     (root / "photos-broken").mkdir()
     (root / "photos-broken" / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
@@ -186,7 +189,11 @@ FILL_CASES = [
      r"no such checkpoint or run folder"),
     (["--checkpoint", "{w}/runs/corrupt", "--image", "{w}/in.png", *BOX, "--output", "{w}/o.png"], r"corrupt"),
     (["--checkpoint", "{w}/runs/r", "--image", "{w}/broken.png", *BOX, "--output", "{w}/o.png"],
-     r"cannot read the image"),
+     r"broken.png: not an image PIL can read"),
+    (["--checkpoint", "{w}/runs/r", "--image", "{w}/truncated.png", *BOX, "--output", "{w}/o.png"],
+     r"truncated.png: cannot decode the image, truncated or damaged"),
+    (["--checkpoint", "{w}/runs/r", "--image", "{w}/float.tiff", *BOX, "--output", "{w}/o.png"],
+     r"float.tiff: floating-point pixels \(mode F\) have no agreed range"),
     (["--checkpoint", "{w}/runs/r", "--image", "{w}/bomb.png", *BOX, "--output", "{w}/o.png"],
      r"bomb.png: 400 MP, more than the 89 MP an image may have here"),
     (["--checkpoint", "{w}/runs/r", "--image", "{w}/noimage.png", *BOX, "--output", "{w}/o.png"],

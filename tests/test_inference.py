@@ -201,7 +201,7 @@ def test_cli_fills_a_folder_with_same_named_masks_or_a_box(run, tmp_path):
     ("empty", "no hole"),
     ("all_hole", "whole image"),
     ("box_outside", "not inside the 53x37 image"),
-    ("bad_image", "cannot read the image"),
+    ("bad_image", "in.png: not an image PIL can read"),
     ("missing_checkpoint", "no such checkpoint"),
     ("missing_folder_mask", "no mask of the same name"),
     ("bad_output", "unknown image format"),

@@ -82,7 +82,7 @@ def test_answer_fills_only_the_hole_and_returns_png_or_jpeg(service, checkpoints
 
 
 @pytest.mark.parametrize("image, mask, status, match", [
-    (b"not an image", None, 415, "image is not an image"),
+    (b"not an image", None, 415, "image: not an image PIL can read"),
     ("truncated", None, 400, "truncated or damaged"),
     ("bomb", None, 413, "decompression-bomb"),
     (b"", None, 400, "image is empty"),

@@ -34,6 +34,7 @@ from inpaint.data.shards import parse_shard, write_shard
 from inpaint.data.sources import SourceImage, open_source
 from inpaint.data.errors import DataError, as_data_errors
 from inpaint.errors import one_line
+from inpaint.images import refuse_unsupported
 from inpaint.storage import Output
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ SAMPLE_SHARD_SIZE = 16  # several shards even for the tiny built-in set, so rank
 SPLIT_ORDER = ("train", "valid", "test")
 _FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 _CHECK_CHUNK = 256
+ORIENTATION_TAG = 0x0112
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,9 @@ def _inspect(data: bytes) -> tuple[str, int, int]:
         if ext is None:
             raise ValueError(f"unsupported image format {image.format}")
         image.load()  # a header is not enough: truncated JPEGs only fail here
+        refuse_unsupported(image)  # here, not at every epoch's read
+        if image.getexif().get(ORIENTATION_TAG, 1) in TRANSPOSED_ORIENTATIONS:  # read upright: turned a quarter
+            return ext, image.height, image.width
         return ext, image.width, image.height
 
 

@@ -10,7 +10,6 @@ that does not decode, or that a truncated or unreadable shard lacks, is logged a
 
 from __future__ import annotations
 
-import io
 import logging
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,6 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2.functional import resize
 
@@ -26,6 +24,7 @@ from inpaint.data.errors import DataError
 from inpaint.data.index import DatasetIndex, ShardInfo, SplitInfo, load_index
 from inpaint.data.shards import parse_shard
 from inpaint.errors import one_line
+from inpaint.images import open_image, to_uint8
 from inpaint.storage import StorageError, read_into
 
 log = logging.getLogger(__name__)
@@ -44,29 +43,30 @@ def _jpeg_decoder():
     try:
         operator = torch.ops.image.decode_jpeg
     except (AttributeError, RuntimeError):  # a torchvision built without its image extension
-        return lambda data: decode_jpeg(data, mode=ImageReadMode.RGB)
+        return lambda data: decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     rgb = ImageReadMode.RGB.value
-    return lambda data: operator(data, rgb, False)
+    return lambda data: operator(data, rgb, True)
 
 
 _decode_jpeg_rgb = _jpeg_decoder()
 
 
 def decode(data: torch.Tensor, jpeg: bool | None = None) -> torch.Tensor:
-    """RGB uint8 (3, H, W) from encoded bytes (a uint8 tensor); raises ValueError if damaged.
+    """Upright RGB uint8 (3, H, W) from encoded bytes (a uint8 tensor); raises ValueError if damaged.
 
+    The same picture as ``fill`` and the endpoint read (:mod:`inpaint.images`): a phone photo
+    stored sideways with an orientation tag trains upright, and 16 bits per channel become 8.
     ``jpeg``: whether the bytes start with JPEG's marker, if the caller knows (None: look).
     """
     try:
         if jpeg if jpeg is not None else data[:2].numpy().tobytes() == JPEG_MAGIC:
             return _decode_jpeg_rgb(data)  # the usual case: decode_image would sniff the format again
-        image = decode_image(data, mode=ImageReadMode.RGB)
+        image = to_uint8(decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True))  # 16-bit: uint16
         return image[0] if image.dim() == 4 else image  # an animated GIF: its first frame
     except RuntimeError:
         pass  # formats torchvision lacks (BMP, TIFF, CMYK JPEG...) go to PIL
     try:
-        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
-            array = np.asarray(image.convert("RGB"))
+        array = np.asarray(open_image(data.numpy().tobytes(), "RGB"))
     except Exception as exc:  # PIL raises many types for damaged data
         raise ValueError(one_line(exc)) from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
