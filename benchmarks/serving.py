@@ -131,7 +131,7 @@ def main() -> None:
             port = probe.getsockname()[1]
         options = {"concurrency": args.concurrency, "batch": args.batch} if not args.gpu else {}
         base = start_app(str(checkpoint), port=port, replicas=args.replicas, cpus=args.cpus, gpu=args.gpu,
-                         queue=32, **options)
+                         queue=32, log_requests=False, **options)  # no console line per request under load
         try:
             for size in SIZES:
                 load(base, bodies[size], 1, 1.0)  # warm-up: first calls pay allocator and oneDNN set-up

@@ -1,4 +1,4 @@
-"""What a person sees while a run trains: the run, not Ray's internals.
+"""What a person sees while a run trains or a model serves: the run, not Ray's internals.
 
 Rank 0 logs one progress line per logging interval (phase, step / total, losses, images/s, an
 ETA for the run) and the checkpoint events; every rank logs its warnings. Those lines carry
@@ -6,6 +6,8 @@ ETA for the run) and the checkpoint events; every rank logs its warnings. Those 
 prefix. Ray's own messages are held to warning level (Ray Train's ``LoggingConfig``), and the
 C++ core's log lines (``core_worker.cc ... PreemptionWatcher`` and the like, which Ray also
 keeps in its session logs) are dropped; ``--verbose`` shows everything as Ray prints it.
+Serving is the same: a replica says which checkpoint it serves, when it follows to another, and
+one line per fill request; Serve's controller, proxy and access log speak at warning level.
 """
 
 from __future__ import annotations
@@ -31,21 +33,40 @@ def ray_train_log_level(verbose: bool) -> str:
 
 def configure_worker(rank: int, verbose: bool = False) -> None:
     """Our loggers in a training worker: rank 0 says what happens, the others only what goes wrong."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(MARK + "%(message)s" if rank == 0 else
-                                           MARK + f"rank {rank}: %(message)s"))
-    logger = logging.getLogger("inpaint")
-    for old in [h for h in logger.handlers if getattr(h, "_inpaint_console", False)]:
-        logger.removeHandler(old)
-    handler._inpaint_console = True  # type: ignore[attr-defined]
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING)
-    logger.propagate = False  # Ray's root handler would print each line a second time
+    _mark_our_lines(MARK if rank == 0 else MARK + f"rank {rank}: ",
+                    logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING)
     if not verbose:
         # Ray Train's worker logs some INFO lines through loggers named after files, not ray.train
         # ("Reporting training result N: TrainingReport(...)" on every rank): they go to the root
         # logger, which Ray sets up at INFO. Warnings still pass.
         logging.getLogger().setLevel(logging.WARNING)
+
+
+def configure_replica() -> None:
+    """Our loggers in a serving replica: the model it serves, each switch, one line per fill request."""
+    _mark_our_lines(MARK, logging.INFO)
+
+
+def serve_logging_config(verbose: bool) -> dict[str, Any] | None:
+    """Ray Serve's own logging (controller, proxy, replicas; ``serve.start`` / ``serve.run``): warnings
+    only, and no access log of its own (the replica logs each fill itself); None keeps Serve's default."""
+    if verbose:
+        return None
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # this process's "Started Serve ..." lines
+    return {"log_level": "WARNING", "enable_access_log": False}
+
+
+def _mark_our_lines(prefix: str, level: int) -> None:
+    """The "inpaint" loggers print to stdout with :data:`MARK`, so the driver shows them bare."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    logger = logging.getLogger("inpaint")
+    for old in [h for h in logger.handlers if getattr(h, "_inpaint_console", False)]:
+        logger.removeHandler(old)
+    handler._inpaint_console = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False  # Ray's root handler would print each line a second time
 
 
 def keep_line(line: str, verbose: bool) -> bool:

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,13 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from cluster.console import configure_replica
 from inpaint.errors import one_line
 from inpaint.serving import (FOLLOW_MODES, CheckpointFollower, InpaintService, ModelSlot, RequestError, check_fields,
                              load_model, run_folder_of)
 
 log = logging.getLogger("inpaint.serve")
+requests_log = logging.getLogger("inpaint.serve.requests")  # one line per fill or refusal (ServeOptions.log_requests)
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
 MAX_BODY_BYTES = 64 * 2**20  # a 24 MP JPEG and its PNG mask fit; a larger body is 413 before it is read
 RETRY_AFTER_S = 1
@@ -65,6 +68,7 @@ class ServeOptions:
     max_body_bytes: int = MAX_BODY_BYTES
     cpus: int = 1  # CPUs a replica reserves, and torch's threads in it (benchmarks/RESULTS.md, "Serving")
     batch: int = 1  # >1: same-size windows of concurrent requests go through the generator together (@serve.batch)
+    log_requests: bool = True  # a console line per fill and per refusal (off for load tests)
 
     def __post_init__(self) -> None:
         if self.follow not in (None, *FOLLOW_MODES):
@@ -100,7 +104,9 @@ class Admission:
         self._slots.release()
 
 
-def error_response(status: int, message: str) -> JSONResponse:
+def error_response(request: Request, status: int, message: str) -> JSONResponse:
+    """``{"error": message}`` with ``status``; the replica's console gets the same line."""
+    requests_log.info("%s %s %d: %s", request.method, request.url.path, status, one_line(message, 300))
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
     return JSONResponse({"error": one_line(message, 1000)}, status_code=status, headers=headers)
 
@@ -208,25 +214,25 @@ api = FastAPI(title="inpaint", version="1", docs_url=None, redoc_url=None,
 
 
 @api.exception_handler(StarletteHTTPException)
-async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return error_response(exc.status_code, str(exc.detail))
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(request, exc.status_code, str(exc.detail))
 
 
 @api.exception_handler(RequestValidationError)
-async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = (exc.errors() or [{}])[0]
-    return error_response(422, f"{'.'.join(map(str, first.get('loc', ())))}: {first.get('msg', 'invalid request')}")
+    return error_response(request, 422, f"{'.'.join(map(str, first.get('loc', ())))}: {first.get('msg', 'invalid request')}")
 
 
 @api.exception_handler(RequestError)
-async def request_error(_request: Request, exc: RequestError) -> JSONResponse:
-    return error_response(exc.status, exc.message)
+async def request_error(request: Request, exc: RequestError) -> JSONResponse:
+    return error_response(request, exc.status, exc.message)
 
 
 @api.exception_handler(Exception)
-async def unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
+async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error")  # the traceback goes to the replica's log, never to the client
-    return error_response(500, f"internal error ({type(exc).__name__})")
+    return error_response(request, 500, f"internal error ({type(exc).__name__})")
 
 
 class BatchedGenerator:
@@ -274,6 +280,8 @@ class InpaintServer:
         import torch
 
         self.options = ServeOptions(**options)
+        configure_replica()
+        requests_log.setLevel(logging.INFO if self.options.log_requests else logging.WARNING)
         torch.set_num_threads(self.options.cpus)  # Ray sets OMP_NUM_THREADS from num_cpus; say it to torch too
         self.loop = None  # the replica's event loop, known from the first request (batching needs it)
         if self.options.batch > 1:
@@ -288,7 +296,7 @@ class InpaintServer:
                 run_folder_of(model.checkpoint_url), self.options.follow, model.checkpoint_url,
                 load=self.load)
             threading.Thread(target=self._follow, name="follow", daemon=True).start()
-        log.info("serving %s", model.checkpoint_url)
+        log.info("replica loaded %s", model.checkpoint_url)
 
     def load(self, url: str):
         """A checkpoint's model; with batching, a copy of its Inpainter whose generator calls join a batch."""
@@ -333,11 +341,14 @@ class InpaintServer:
         del body
         self.loop = self.loop or asyncio.get_running_loop()
         async with self.admission:
+            started = time.perf_counter()
             answer = await asyncio.to_thread(
                 self.service.answer, fields["image"], fields["mask"],
                 blend=fields.get("blend", True), output_format=fields.get("format", "png"))
-        return Response(answer.data, media_type=answer.content_type,
-                        headers={"X-Checkpoint": answer.checkpoint_url.rstrip("/").rsplit("/", 1)[-1]})
+        checkpoint = answer.checkpoint_url.rstrip("/").rsplit("/", 1)[-1]
+        requests_log.info("POST /v1/inpaint 200: filled in %.0f ms by %s", 1000 * (time.perf_counter() - started),
+                          checkpoint)
+        return Response(answer.data, media_type=answer.content_type, headers={"X-Checkpoint": checkpoint})
 
     @api.get("/v1/model", summary="The model being served")
     async def model(self) -> dict[str, Any]:
@@ -370,6 +381,11 @@ def build_app(options: ServeOptions, *, replicas: int = 1, gpu: bool = False):
     return InpaintServer.options(num_replicas=replicas, ray_actor_options=actor).bind(asdict(options))
 
 
+def _flag(value: Any) -> bool:
+    """A config file's true/false, or `serve run`'s key=value text."""
+    return str(value).lower() in ("true", "1", "yes")
+
+
 def app_builder(args: dict[str, Any]):
     """``serve run cluster.serve:app_builder key=value ...`` and a config file's ``args``: ServeOptions fields,
     plus ``replicas`` and ``gpu``; ``$VAR`` in ``checkpoint`` is expanded from the environment."""
@@ -377,7 +393,9 @@ def app_builder(args: dict[str, Any]):
     if isinstance(args.get("checkpoint"), str):  # a RayService config names the bucket as $INPAINT_BUCKET
         args["checkpoint"] = os.path.expandvars(args["checkpoint"])
     replicas = int(args.pop("replicas", 1))
-    gpu = str(args.pop("gpu", False)).lower() in ("true", "1", "yes")
+    gpu = _flag(args.pop("gpu", False))
+    if "log_requests" in args:
+        args["log_requests"] = _flag(args["log_requests"])
     if gpu:
         args = with_gpu_defaults(args)
     for name, kind in (("follow_interval_s", float), ("max_pixels", int), ("concurrency", int), ("queue", int),

@@ -8,6 +8,7 @@ import time
 import urllib.request
 from typing import Callable
 
+from cluster.console import serve_logging_config
 from cluster.ray_runtime import ensure_ray
 from cluster.serve import ServeOptions, build_app, with_gpu_defaults
 from inpaint.errors import one_line
@@ -32,21 +33,24 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def start_app(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, gpu: bool = False, replicas: int = 1,
-              **options) -> str:
-    """Deploy the app and wait until it answers; returns its base URL (``http://host:port``)."""
+              verbose: bool = False, **options) -> str:
+    """Deploy the app and wait until it answers; returns its base URL (``http://host:port``).
+
+    The console shows our replicas' lines (:mod:`cluster.console`); ``verbose``: Ray's and Serve's too."""
     import os
 
     from ray import serve
 
     if not os.environ.get("RAY_ADDRESS"):
         check_port_free(host, port)
-    ensure_ray()
+    ensure_ray(verbose)
     if gpu:
         options = with_gpu_defaults(options)
     app = build_app(ServeOptions(checkpoint=checkpoint, **options), replicas=replicas, gpu=gpu)
     try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        quiet = serve_logging_config(verbose)
+        serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config=quiet)
     except Exception as exc:  # a replica's constructor failed, or the proxy could not bind
         raise ServeError(f"the app did not start: {one_line(exc, 500, remote=True)}") from None
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -64,9 +68,15 @@ def start_app(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, gpu
 
 
 def stop_app() -> None:
+    """Delete this app; its replicas finish the requests they hold.
+
+    Only ours: on a cluster this driver joined (RAY_ADDRESS), Serve and any other app keep running.
+    A local Ray goes with ``ray.shutdown()`` after this; ``serve.shutdown()`` here instead would
+    have the raylet report Serve's own controller task as failed on every clean exit (Ray 2.60).
+    """
     from ray import serve
 
-    serve.shutdown()
+    serve.delete(APP_NAME)
 
 
 def serve_forever(checkpoint: str, *, stop: threading.Event, announce: Callable[[str], None] = print,

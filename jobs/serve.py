@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPUs (torch threads) per replica (default: this machine's CPUs / --replicas; 1 with --gpu)")
     parser.add_argument("--max-pixels", type=positive_int, default=None, metavar="N",
                         help="the largest window around a hole filled at once (default 4194304, 2048x2048)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's and Serve's own INFO lines and Serve's access log")
     return parser
 
 
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve_forever(checkpoint, follow=args.follow, follow_interval_s=args.follow_interval, host=args.host,
                       port=args.port, gpu=args.gpu, replicas=args.replicas, max_pixels=args.max_pixels, cpus=cpus,
-                      stop=stop, announce=lambda line: print(line, flush=True))
+                      verbose=args.verbose, stop=stop, announce=lambda line: print(line, flush=True))
     except ServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

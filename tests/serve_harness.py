@@ -31,6 +31,8 @@ def running_app(checkpoint_url: str, **options) -> Iterator[str]:
 
     from cluster.serve_runtime import start_app, stop_app
 
+    from ray import serve
+
     started_ray = not ray.is_initialized()
     try:
         yield start_app(str(checkpoint_url), port=free_port(), **options)
@@ -39,6 +41,9 @@ def running_app(checkpoint_url: str, **options) -> Iterator[str]:
             stop_app()
         if started_ray:
             ray.shutdown()
+        else:  # a Ray that outlives this app: the next app's Serve must listen on its own port
+            with contextlib.suppress(Exception):
+                serve.shutdown()
 
 
 def debug_checkpoint(folder: Path, steps: tuple[int, ...] = (1,)) -> Path:

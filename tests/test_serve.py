@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import shutil
 import struct
 import threading
@@ -408,10 +409,23 @@ def test_serve_job_serves_until_ctrl_c_and_exits_0(checkpoints, tmp_path):
                 break
         assert f"http://127.0.0.1:{port}/" in lines[-1], "".join(lines)[-3000:]
         assert requests.get(f"http://127.0.0.1:{port}/v1/model", timeout=30).json()["step"] == 4
+        image, mask = png(photo(40, 50, 0)), png(hole_mask(40, 50, 5, 5, 10, 10))
+        for hole in (mask, png(np.zeros((40, 50), np.uint8))):
+            requests.post(f"http://127.0.0.1:{port}/v1/inpaint", files={"image": image, "mask": hole}, timeout=60)
+        time.sleep(2)  # the replica's lines reach the driver through Ray's log monitor
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=120)
         assert process.returncode == 0, rest[-3000:]
         assert "Traceback" not in rest, rest[-3000:]
+        # The console says what happened, in our words: the model, each request, the stop; Serve's
+        # controller, proxy and access log stay at warning level, and a clean exit reports no failure.
+        console = "".join(lines) + rest
+        assert "replica loaded " in console and "checkpoint_000000004" in console, console[-3000:]
+        assert re.search(r"^POST /v1/inpaint 200: filled in \d+ ms by checkpoint_000000004$", console, re.M), console
+        assert re.search(r"^POST /v1/inpaint 422: mask has no hole", console, re.M), console
+        assert "stopping" in console
+        for noise in ("(ProxyActor", "(ServeController", " INFO ", "graceful_shutdown failed"):
+            assert noise not in console, console[-3000:]
     finally:
         if process.poll() is None:
             process.kill()
