@@ -557,6 +557,7 @@ def compile_child(request_path: Path) -> int:
     finally:
         guard.uninstall()
         if dist.is_initialized():
+            gc.collect()  # DDP modules torn down after their group can abort the exit (tests/test_gpu_training.py)
             dist.destroy_process_group()
     return 0
 
@@ -757,6 +758,7 @@ def run(options: Options, output: Path) -> int:
     finally:
         guard.uninstall()  # a late signal acts as it would have; the files are replaced whole, never torn
         if dist.is_initialized():
+            gc.collect()  # DDP modules torn down after their group can abort the exit (tests/test_gpu_training.py)
             dist.destroy_process_group()
     failed = [n for n, e in sections.items() if isinstance(e, dict) and "failed" in e]
     # Sections the budget left out make the run incomplete too: it stopped at the deadline, just

@@ -34,6 +34,9 @@ def running_app(checkpoint_url: str, **options) -> Iterator[str]:
     from ray import serve
 
     started_ray = not ray.is_initialized()
+    # A replica's line per request reaches this process through Ray's log thread, after pytest stopped
+    # capturing the test that sent it: it would land in the progress dots. jobs/serve.py's test checks them.
+    options.setdefault("log_requests", False)
     try:
         yield start_app(str(checkpoint_url), port=free_port(), **options)
     finally:

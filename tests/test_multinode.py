@@ -97,8 +97,11 @@ def complete_checkpoints(bucket: str, name: str) -> list[int]:
     root = run_root(bucket, name)[5:]
     if not fs.exists(root):
         return []  # the job has not written anything yet
-    return sorted(int(path.rsplit("_", 1)[1]) for path in fs.ls(root)
-                  if path.rsplit("/", 1)[1].startswith("checkpoint_0") and fs.exists(f"{path}/meta.json"))
+    # Names only: a resume that found one unloadable (an upload the node loss cut short) renamed it
+    # checkpoint_X.unloadable, meta.json and all; it is no checkpoint of the run any more.
+    names = {path: re.fullmatch(r"checkpoint_(\d{9})", path.rsplit("/", 1)[1]) for path in fs.ls(root)}
+    return sorted(int(found.group(1)) for path, found in names.items()
+                  if found and fs.exists(f"{path}/meta.json"))
 
 
 def wait_for_checkpoint(bucket: str, name: str, step: int, timeout: float) -> None:
