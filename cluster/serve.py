@@ -52,6 +52,7 @@ requests_log = logging.getLogger("inpaint.serve.requests")  # one line per fill 
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
 MAX_BODY_BYTES = 64 * 2**20  # a 24 MP JPEG and its PNG mask fit; a larger body is 413 before it is read
 RETRY_AFTER_S = 1
+INPAINT_PATH = "/v1/inpaint"
 
 
 @dataclass
@@ -105,8 +106,9 @@ class Admission:
 
 
 def error_response(request: Request, status: int, message: str) -> JSONResponse:
-    """``{"error": message}`` with ``status``; the replica's console gets the same line."""
-    requests_log.info("%s %s %d: %s", request.method, request.url.path, status, one_line(message, 300))
+    """``{"error": message}`` with ``status``; a refused fill's line goes to the replica's console too."""
+    if request.url.path == INPAINT_PATH:  # not every 404 a browser or a scanner asks for (favicon.ico)
+        requests_log.info("%s %s %d: %s", request.method, INPAINT_PATH, status, one_line(message, 300))
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
     return JSONResponse({"error": one_line(message, 1000)}, status_code=status, headers=headers)
 
@@ -325,7 +327,7 @@ class InpaintServer:
     def __del__(self):
         self._stop.set()
 
-    @api.post("/v1/inpaint", summary="Fill a hole", description=INPAINT_DOC, response_class=Response,
+    @api.post(INPAINT_PATH, summary="Fill a hole", description=INPAINT_DOC, response_class=Response,
               openapi_extra={"requestBody": INPAINT_BODY},
               responses={200: {"content": {"image/png": {}, "image/jpeg": {}}, "description": "the completion"}})
     async def inpaint(self, request: Request) -> Response:
@@ -346,7 +348,7 @@ class InpaintServer:
                 self.service.answer, fields["image"], fields["mask"],
                 blend=fields.get("blend", True), output_format=fields.get("format", "png"))
         checkpoint = answer.checkpoint_url.rstrip("/").rsplit("/", 1)[-1]
-        requests_log.info("POST /v1/inpaint 200: filled in %.0f ms by %s", 1000 * (time.perf_counter() - started),
+        requests_log.info("POST %s 200: filled in %.0f ms by %s", INPAINT_PATH, 1000 * (time.perf_counter() - started),
                           checkpoint)
         return Response(answer.data, media_type=answer.content_type, headers={"X-Checkpoint": checkpoint})
 

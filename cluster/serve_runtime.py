@@ -70,13 +70,23 @@ def start_app(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, gpu
 def stop_app() -> None:
     """Delete this app; its replicas finish the requests they hold.
 
-    Only ours: on a cluster this driver joined (RAY_ADDRESS), Serve and any other app keep running.
-    A local Ray goes with ``ray.shutdown()`` after this; ``serve.shutdown()`` here instead would
-    have the raylet report Serve's own controller task as failed on every clean exit (Ray 2.60).
+    Only ours: on a cluster this driver joined (RAY_ADDRESS), other Serve apps keep running; when
+    none is left, Serve itself stops too, so that the next start listens on its own --host/--port
+    (a running Serve keeps its first HTTP options). A local Ray goes with ``ray.shutdown()`` after
+    this; ``serve.shutdown()`` there would have the raylet report Serve's own controller task as
+    failed on every clean exit (Ray 2.60).
     """
-    from ray import serve
+    import os
 
-    serve.delete(APP_NAME)
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        serve.delete(APP_NAME)
+        if os.environ.get("RAY_ADDRESS") and not serve.status().applications:
+            serve.shutdown()
+    except RayServeException:  # Serve never started (start_app failed before it): nothing to stop
+        pass
 
 
 def serve_forever(checkpoint: str, *, stop: threading.Event, announce: Callable[[str], None] = print,

@@ -5,15 +5,14 @@ Every way in reads through here: ``fill`` (:mod:`inpaint.__main__`), the page an
 (:mod:`inpaint.data.reading`). Why not just ``Image.convert``: Pillow clips 16-bit grey (a PNG or
 TIFF in mode ``I;16``) to 255 on conversion, a white picture, and torchvision's decoders return
 uint16 for any 16-bit PNG, which a uint8 batch wraps modulo 256, noise. Both are scaled to 8 bits
-here (``v * 255 / 65535``, rounded). 32-bit integer and float pixels (modes ``I`` and ``F``) have
-no agreed range, so they are refused rather than guessed.
+here (``v * 255 / 65535``, rounded). 32-bit or signed integer and float pixels (modes ``I`` and
+``F``) have no agreed range, so they are refused rather than guessed.
 """
 
 from __future__ import annotations
 
 import io
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from inpaint.errors import one_line
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-UNSUPPORTED_MODES = {"I": "32-bit integer", "F": "floating-point"}
+UNSUPPORTED_MODES = {"I": "32-bit or signed integer", "F": "floating-point"}
 
 
 class UnreadableImage(ValueError):
@@ -37,19 +36,18 @@ class UnreadableImage(ValueError):
 def open_image(source: bytes | str | Path, mode: str) -> Image.Image:
     """The picture in ``source`` (encoded bytes or a file), upright per its EXIF, in ``mode`` (RGB or L).
 
-    PIL's decompression-bomb guard stays on: an image over ``Image.MAX_IMAGE_PIXELS`` (89 MP) is
+    PIL's decompression-bomb limit is enforced: an image over ``Image.MAX_IMAGE_PIXELS`` (89 MP) is
     refused from its header before it is decoded, since a small file can hold a huge picture.
+    (Checked here, not by turning PIL's warning into an error: ``warnings.catch_warnings`` is
+    process-wide state, and the endpoint and the packer decode in threads.)
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-                return convert(ImageOps.exif_transpose(image), mode)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            check_pixels(image)
+            return convert(ImageOps.exif_transpose(image), mode)
+    except Image.DecompressionBombError as exc:  # PIL's own refusal, at twice the limit
         found = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{int(found.group(1)) / 1e6:.0f} MP, " if found else ""
-        raise UnreadableImage("too_large", f"{size}more than the {Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP an image "
-                                           "may have here (a decompression-bomb guard)") from None
+        raise UnreadableImage("too_large", _too_large(int(found.group(1)) if found else None)) from None
     except UnidentifiedImageError:
         raise UnreadableImage("not_image", "not an image PIL can read (PNG, JPEG, WebP, BMP, TIFF, ...)") from None
     except UnreadableImage:
@@ -62,6 +60,18 @@ def open_image(source: bytes | str | Path, mode: str) -> Image.Image:
         raise UnreadableImage("damaged", f"cannot decode the image, truncated or damaged ({one_line(exc)})") from None
 
 
+def check_pixels(image: Image.Image) -> None:
+    """Raise UnreadableImage when an opened (not yet decoded) image is over PIL's 89 MP limit."""
+    if image.width * image.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+        raise UnreadableImage("too_large", _too_large(image.width * image.height))
+
+
+def _too_large(pixels: int | None) -> str:
+    size = f"{pixels / 1e6:.0f} MP, " if pixels else ""
+    return (f"{size}more than the {Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP an image may have here "
+            "(a decompression-bomb guard)")
+
+
 def convert(image: Image.Image, mode: str) -> Image.Image:
     """``image.convert(mode)``, with 16-bit grey scaled to 8 bits instead of clipped."""
     refuse_unsupported(image)
@@ -71,7 +81,7 @@ def convert(image: Image.Image, mode: str) -> Image.Image:
 
 
 def refuse_unsupported(image: Image.Image) -> None:
-    """Raise UnreadableImage for pixels whose range nobody agrees on (32-bit integer, float)."""
+    """Raise UnreadableImage for pixels whose range nobody agrees on (32-bit or signed integer, float)."""
     if image.mode in UNSUPPORTED_MODES:
         raise UnreadableImage("unsupported", f"{UNSUPPORTED_MODES[image.mode]} pixels (mode {image.mode}) have no "
                                              "agreed range: save the picture with 8 or 16 bits per channel")

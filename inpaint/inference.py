@@ -48,7 +48,7 @@ from inpaint import checkpoint as ckpt
 from inpaint import storage
 from inpaint.config import Config
 from inpaint.errors import one_line
-from inpaint.images import UnreadableImage, convert
+from inpaint.images import convert
 from inpaint.models import Generator, build_generator
 from inpaint.run_folder import first_loadable
 from inpaint.hardware import resolve_device
@@ -148,8 +148,8 @@ def image_array(image: Image.Image | np.ndarray) -> np.ndarray:
 def _convert(image: Image.Image, mode: str) -> Image.Image:
     try:
         return convert(image, mode)
-    except UnreadableImage as exc:
-        raise InpaintError(str(exc)) from None
+    except ValueError as exc:  # UnreadableImage, or a mode PIL cannot convert (La)
+        raise InpaintError(f"image: {one_line(exc)}") from None
 
 
 def hole_array(mask: Image.Image | np.ndarray, size: tuple[int, int]) -> np.ndarray:

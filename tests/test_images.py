@@ -114,18 +114,41 @@ def test_packing_scales_16bit_photos_and_skips_float_ones_with_the_reason(tmp_pa
     assert any(np.array_equal(image.permute(1, 2, 0).numpy(), _expected8(rgb)[:, 4:28]) for image in read)
 
 
-@pytest.mark.parametrize("orientation", [6, 3])
-def test_shards_read_a_sideways_phone_photo_upright_as_fill_does(orientation):
-    """A JPEG stored sideways with an EXIF orientation tag: the shards train on what `fill` shows."""
+@pytest.mark.parametrize("kind, orientation", [("JPEG", 6), ("JPEG", 3), ("PNG", 6), ("WEBP", 6)])
+def test_shards_read_a_sideways_phone_photo_upright_as_fill_does(kind, orientation):
+    """A photo stored sideways with an EXIF orientation tag: the shards train on what `fill` shows.
+
+    WebP matters apart: torchvision's WebP decoder ignores the tag, so the reader hands it to PIL.
+    """
     rng = np.random.default_rng(orientation)
     stored = Image.fromarray(np.kron(rng.integers(0, 256, (6, 10, 3), dtype=np.uint8), np.ones((8, 8, 1), np.uint8)))
     exif = Image.Exif()
     exif[0x0112] = orientation  # 6: turn 90 degrees clockwise to view; 3: turn 180
     buffer = io.BytesIO()
-    stored.save(buffer, format="JPEG", quality=95, exif=exif)
+    stored.save(buffer, format=kind, quality=95, exif=exif)
     data = buffer.getvalue()
     upright = np.asarray(open_image(data, "RGB")).astype(int)
     assert upright.shape == ((80, 48, 3) if orientation == 6 else (48, 80, 3))
     decoded = decode(torch.frombuffer(bytearray(data), dtype=torch.uint8)).permute(1, 2, 0).numpy().astype(int)
-    assert decoded.shape == upright.shape and np.abs(decoded - upright).mean() < 1.0  # two JPEG decoders
-    assert pack._inspect(data) == ("jpg", upright.shape[1], upright.shape[0])  # the shard's meta: upright size
+    assert decoded.shape == upright.shape and np.abs(decoded - upright).mean() < 1.0  # two decoders, lossy formats
+    extension = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[kind]
+    assert pack._inspect(data) == (extension, upright.shape[1], upright.shape[0])  # the shard's meta: upright size
+
+
+def test_a_picture_over_the_pixel_limit_is_refused_from_its_header_and_not_packed(tmp_path, monkeypatch):
+    """Between PIL's limit and twice it PIL only warns; every reader here refuses, thread-safely."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1,200 px below: over the limit, under twice it
+    data = _png_bytes(Image.fromarray(np.zeros((30, 40, 3), np.uint8)))
+    with pytest.raises(UnreadableImage, match="more than the 0 MP an image may have here") as caught:
+        open_image(data, "RGB")
+    assert caught.value.kind == "too_large"
+    with pytest.raises(RequestError) as refused:
+        decode_image(data, "image", "RGB")
+    assert refused.value.status == 413
+    with pytest.raises(UnreadableImage):
+        pack._inspect(data)
+
+
+def test_a_mode_pil_cannot_convert_is_a_one_line_inpaint_error():
+    with pytest.raises(InpaintError, match="image: conversion from La"):
+        image_array(Image.new("La", (8, 8)))

@@ -412,6 +412,7 @@ def test_serve_job_serves_until_ctrl_c_and_exits_0(checkpoints, tmp_path):
         image, mask = png(photo(40, 50, 0)), png(hole_mask(40, 50, 5, 5, 10, 10))
         for hole in (mask, png(np.zeros((40, 50), np.uint8))):
             requests.post(f"http://127.0.0.1:{port}/v1/inpaint", files={"image": image, "mask": hole}, timeout=60)
+        requests.get(f"http://127.0.0.1:{port}/favicon.ico", timeout=30)  # a browser's 404: no line of its own
         time.sleep(2)  # the replica's lines reach the driver through Ray's log monitor
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=120)
@@ -424,7 +425,7 @@ def test_serve_job_serves_until_ctrl_c_and_exits_0(checkpoints, tmp_path):
         assert re.search(r"^POST /v1/inpaint 200: filled in \d+ ms by checkpoint_000000004$", console, re.M), console
         assert re.search(r"^POST /v1/inpaint 422: mask has no hole", console, re.M), console
         assert "stopping" in console
-        for noise in ("(ProxyActor", "(ServeController", " INFO ", "graceful_shutdown failed"):
+        for noise in ("(ProxyActor", "(ServeController", " INFO ", "graceful_shutdown failed", "favicon"):
             assert noise not in console, console[-3000:]
     finally:
         if process.poll() is None:

@@ -34,7 +34,7 @@ from inpaint.data.shards import parse_shard, write_shard
 from inpaint.data.sources import SourceImage, open_source
 from inpaint.data.errors import DataError, as_data_errors
 from inpaint.errors import one_line
-from inpaint.images import refuse_unsupported
+from inpaint.images import check_pixels, refuse_unsupported
 from inpaint.storage import Output
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,13 @@ class PackSummary:
 
 
 def _inspect(data: bytes) -> tuple[str, int, int]:
-    """(extension, width, height) of an image that fully decodes; raises on any damage."""
+    """(extension, width, height) of an image that fully decodes; raises on any damage.
+
+    One over PIL's 89 MP limit is skipped with its reason, the limit ``fill`` and the endpoint keep
+    (:mod:`inpaint.images`): a small file can hold a huge picture, and the shards' PIL path refuses it.
+    """
     with Image.open(io.BytesIO(data)) as image:
+        check_pixels(image)
         ext = _FORMAT_EXT.get(image.format or "")
         if ext is None:
             raise ValueError(f"unsupported image format {image.format}")

@@ -3,7 +3,7 @@
 A process reads whole shards (one GET each, with retries, through :mod:`inpaint.storage`; the next
 shard downloads in a background thread while this one decodes) into two buffers it reuses.
 Samples are found by the offsets in their tar headers and decoded from the original bytes by
-torchvision's JPEG decoder (``decode_image`` for other formats, PIL as the last resort). A sample
+torchvision's JPEG and PNG decoders (PIL for other formats, :mod:`inpaint.images`). A sample
 that does not decode, or that a truncated or unreadable shard lacks, is logged and read as None.
 :func:`iter_split` streams a split's centre crops for evaluation.
 """
@@ -35,6 +35,7 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 
 JPEG_MAGIC = b"\xff\xd8"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _jpeg_decoder():
@@ -61,10 +62,11 @@ def decode(data: torch.Tensor, jpeg: bool | None = None) -> torch.Tensor:
     try:
         if jpeg if jpeg is not None else data[:2].numpy().tobytes() == JPEG_MAGIC:
             return _decode_jpeg_rgb(data)  # the usual case: decode_image would sniff the format again
-        image = to_uint8(decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True))  # 16-bit: uint16
-        return image[0] if image.dim() == 4 else image  # an animated GIF: its first frame
+        if data[:8].numpy().tobytes() == PNG_MAGIC:
+            return to_uint8(decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True))  # 16-bit: uint16
     except RuntimeError:
-        pass  # formats torchvision lacks (BMP, TIFF, CMYK JPEG...) go to PIL
+        pass  # what torchvision cannot decode (a CMYK JPEG...) goes to PIL
+    # Other formats go to PIL as well: torchvision's WebP decoder ignores the EXIF orientation.
     try:
         array = np.asarray(open_image(data.numpy().tobytes(), "RGB"))
     except Exception as exc:  # PIL raises many types for damaged data
