@@ -182,7 +182,10 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
 
 # ------------------------------------------------------------------ 2. make_shards: Ctrl-C and full disk
 _SLOW_PACK = """
-import runpy, sys, time
+import runpy, signal, sys, time
+# Ctrl-C as a terminal delivers it: a parent started in the background by a non-interactive shell
+# (nohup ... &) passes SIGINT down ignored, and the pack would then finish instead of stopping.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import inpaint.data.pack as pack
 write = pack.write_shard
 def slow(f, samples):
